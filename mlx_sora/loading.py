@@ -1,0 +1,213 @@
+"""The converted MLX weights folder: writing it unit by unit, and loading models from it.
+
+Layout of a converted folder::
+
+    config.json                    the family config + "model_type" + "mlx_sora" (format, dtype, units)
+    model.safetensors.index.json   {"metadata": {...}, "weight_map": {parameter key: unit file}}
+    <unit>.safetensors             one file per unit (embedding, each block, final layer, ...)
+    (extra files, e.g. spiece.model for T5)
+
+A unit is the granule of dynamic loading: ``load_unit_weights(folder, unit)`` reads one file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .checkpoint import CheckpointError
+from .models import ModelFamily, family_for_type
+
+FORMAT_VERSION = 1
+INDEX_NAME = "model.safetensors.index.json"
+
+DTYPES: dict[str, mx.Dtype] = {
+    "float32": mx.float32,
+    "float16": mx.float16,
+    "bfloat16": mx.bfloat16,
+}
+
+
+def parse_dtype(name: str | mx.Dtype | None) -> mx.Dtype | None:
+    if name is None or isinstance(name, mx.Dtype):
+        return name
+    aliases = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "f32": "float32"}
+    key = aliases.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def unit_file(unit: str) -> str:
+    return f"{unit}.safetensors"
+
+
+def expected_parameters(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter key -> shape, without evaluating (allocating) any weight."""
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+
+
+def check_keys(
+    have: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str
+) -> None:
+    """Raise one error naming every missing/unexpected key and shape mismatch."""
+    missing = sorted(set(expected) - set(have))
+    unexpected = sorted(set(have) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {have[k]} vs model {expected[k]}"
+        for k in set(have) & set(expected)
+        if tuple(have[k]) != tuple(expected[k])
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} weights: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} weights: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+    if mismatched:
+        problems.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
+    if problems:
+        raise CheckpointError(f"{where} does not match the model: " + " | ".join(problems))
+
+
+def write_converted_folder(
+    out_dir: str | Path,
+    family: ModelFamily,
+    config: dict,
+    weights: Iterable[tuple[str, "callable"]],
+    dtype: mx.Dtype,
+    source_dir: Path | None = None,
+    source: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Write a converted folder atomically, one unit at a time.
+
+    ``weights`` yields (mlx key, loader) where ``loader()`` returns the tensor in MLX layout; loaders
+    are called unit by unit so that only one unit is in memory. The folder is built under a temporary
+    name next to ``out_dir`` and renamed into place at the end.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; remove it or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    by_unit: dict[str, list[tuple[str, "callable"]]] = {}
+    for key, loader in weights:
+        by_unit.setdefault(family.unit_of(key), []).append((key, loader))
+
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        weight_map: dict[str, str] = {}
+        for unit, entries in by_unit.items():
+            arrays = {}
+            for key, loader in entries:
+                value = loader()
+                if mx.issubdtype(value.dtype, mx.floating):
+                    value = value.astype(mx.float32 if family.keep_float32(key) else dtype)
+                arrays[key] = value
+                weight_map[key] = unit_file(unit)
+            mx.eval(arrays)
+            mx.save_safetensors(str(tmp_dir / unit_file(unit)), arrays, metadata={"format": "mlx"})
+            del arrays
+        full_config = dict(config)
+        full_config["model_type"] = family.model_type
+        full_config["mlx_sora"] = {
+            "format": FORMAT_VERSION,
+            "dtype": dtype_name(dtype),
+            "units": list(by_unit),
+            "source": source,
+        }
+        (tmp_dir / "config.json").write_text(json.dumps(full_config, indent=2) + "\n")
+        index = {"metadata": {"format": "mlx_sora", "units": list(by_unit)}, "weight_map": weight_map}
+        (tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        for name in family.extra_files:
+            if source_dir is None or not (source_dir / name).exists():
+                raise CheckpointError(f"{source_dir} lacks {name}, which the {family.model_type} model needs")
+            shutil.copy2(source_dir / name, tmp_dir / name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# ---------------------------------------------------------------- reading a converted folder
+
+
+def read_converted_config(folder: str | Path) -> dict:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(
+            f"{folder} is not a converted mlx-sora folder (no config.json); "
+            "create one with `python -m mlx_sora.convert --hf-path ... --mlx-path ...`"
+        )
+    config = json.loads(path.read_text())
+    if "mlx_sora" not in config or "model_type" not in config:
+        raise CheckpointError(
+            f"{folder} holds a Hugging Face checkpoint, not converted MLX weights; convert it first: "
+            f"python -m mlx_sora.convert --hf-path {folder} --mlx-path weights/<name>"
+        )
+    return config
+
+
+def read_index(folder: str | Path) -> dict[str, str]:
+    path = Path(folder) / INDEX_NAME
+    if not path.exists():
+        raise CheckpointError(f"{folder} lacks {INDEX_NAME}: the conversion did not finish; convert again")
+    return json.loads(path.read_text())["weight_map"]
+
+
+def load_unit_weights(folder: str | Path, unit: str, dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
+    """The parameters of one unit (lazy arrays, cast to ``dtype`` when given)."""
+    path = Path(folder) / unit_file(unit)
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: the converted folder is incomplete; convert again")
+    try:
+        weights = mx.load(str(path))
+    except Exception as e:  # mlx raises RuntimeError/ValueError on corrupt files
+        raise CheckpointError(f"{path} is corrupt ({e}); convert the model again") from e
+    if dtype is not None:
+        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    return weights
+
+
+def load_model(folder: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> nn.Module:
+    """Build the model a converted folder holds and load its weights.
+
+    ``dtype`` is the compute dtype the weights are cast to (default: as stored). With ``lazy`` the
+    weights stay unevaluated (read from disk when first used).
+    """
+    folder = Path(folder)
+    config = read_converted_config(folder)
+    family = family_for_type(config["model_type"])
+    model = family.build(config)
+    dtype = parse_dtype(dtype)
+    weights: dict[str, mx.array] = {}
+    for unit in config["mlx_sora"]["units"]:
+        weights.update(load_unit_weights(folder, unit, dtype))
+    check_keys({k: tuple(v.shape) for k, v in weights.items()}, expected_parameters(model), str(folder))
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model
