@@ -1,93 +1,18 @@
-"""Convert Hugging Face checkpoints (T5 v1.1 encoder, STDiT3, VAE v1.2) into MLX weights folders.
+"""Convert a Hugging Face checkpoint (T5 v1.1 encoder, STDiT3, VAE v1.2) into an MLX weights folder.
 
     python -m mlx_sora.convert --hf-path DeepFloyd/t5-v1_1-xxl --mlx-path weights/t5-v1_1-xxl --dtype bfloat16
 
-``--hf-path`` is a local snapshot folder or a Hugging Face repo id. The model kind is detected from
-the checkpoint's config.json (and keys). Conversion streams tensor by tensor and unit by unit, so its
-peak memory is about one unit, and the output folder appears only when complete.
+``--hf-path`` is a local snapshot folder or a Hugging Face repo id; the model kind is detected from the
+checkpoint's config.json. The work is done by ``mlx_sora.conversion.convert``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import mlx.core as mx
-
-from .checkpoint import CheckpointError, CheckpointFolder, read_config
-from .loading import check_keys, expected_parameters, parse_dtype, write_converted_folder
-from .models import detect_family
-
-
-def resolve_hf_path(hf_path: str, allow_patterns: tuple[str, ...] | None = None) -> Path:
-    """A local folder as is; otherwise a repo id downloaded with huggingface_hub."""
-    local = Path(hf_path).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise CheckpointError(f"--hf-path {hf_path} is a file; give the checkpoint folder or a repo id")
-    if hf_path.count("/") != 1 or hf_path.startswith((".", "/", "~")):
-        raise CheckpointError(f"{hf_path} is neither a local folder nor a Hugging Face repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        config_dir = Path(snapshot_download(hf_path, allow_patterns=["config.json"]))
-        if allow_patterns is None:
-            hf_config = read_config(config_dir)
-            allow_patterns = detect_family(hf_config).hf_allow_patterns
-        return Path(snapshot_download(hf_path, allow_patterns=list(allow_patterns)))
-    except CheckpointError:
-        raise
-    except Exception as e:  # network, authentication, missing repo
-        raise CheckpointError(
-            f"could not download {hf_path} from Hugging Face ({type(e).__name__}: {e}). Download it "
-            f"elsewhere with `huggingface-cli download {hf_path} --local-dir DIR` and pass --hf-path DIR"
-        ) from e
-
-
-def convert(
-    hf_path: str | Path,
-    mlx_path: str | Path,
-    dtype: str | mx.Dtype = "float32",
-    overwrite: bool = False,
-) -> Path:
-    """Convert one checkpoint; returns the output folder."""
-    storage_dtype = parse_dtype(dtype)
-    source_dir = resolve_hf_path(str(hf_path))
-    hf_config = read_config(source_dir)
-    checkpoint = CheckpointFolder(source_dir)
-    family = detect_family(hf_config, checkpoint)
-    config = family.config_from_hf(hf_config, checkpoint)
-
-    renamed: dict[str, str] = {}
-    for hf_key in checkpoint.keys():
-        mlx_key = family.rename(hf_key, config)
-        if mlx_key is not None:
-            renamed[mlx_key] = hf_key
-
-    model = family.build(config)  # lazy parameters: nothing is allocated
-    expected = expected_parameters(model)
-    have = {}
-    for mlx_key, hf_key in renamed.items():
-        # transform() on a lazy placeholder gives the MLX shape without reading or allocating
-        have[mlx_key] = tuple(family.transform(mlx_key, mx.zeros(checkpoint.shape(hf_key))).shape)
-    check_keys(have, expected, f"checkpoint {source_dir}")
-
-    def loader(mlx_key: str, hf_key: str):
-        return lambda: family.transform(mlx_key, checkpoint.load(hf_key))
-
-    ordered = [k for k in expected if k in renamed]  # the model's own order groups units together
-    return write_converted_folder(
-        mlx_path,
-        family,
-        config,
-        ((k, loader(k, renamed[k])) for k in ordered),
-        storage_dtype,
-        source_dir=source_dir,
-        source=str(hf_path),
-        overwrite=overwrite,
-    )
+from .checkpoint import CheckpointError, read_config
+from .conversion import convert
 
 
 def main(argv: list[str] | None = None) -> int:

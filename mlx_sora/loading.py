@@ -211,3 +211,25 @@ def load_model(folder: str | Path, dtype: str | mx.Dtype | None = None, lazy: bo
         mx.eval(model.parameters())
     model.eval()
     return model
+
+
+def save_model(
+    model: nn.Module,
+    folder: str | Path,
+    model_type: str,
+    config: dict,
+    dtype: str | mx.Dtype = mx.float32,
+    source_dir: Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write an in-memory model (e.g. trained or randomly initialised) as a converted folder.
+
+    ``config`` is the family config the model was built from; ``source_dir`` holds the family's extra
+    files (e.g. ``spiece.model`` for T5).
+    """
+    family = family_for_type(model_type)
+    params = dict(tree_flatten(model.parameters()))
+    return write_converted_folder(
+        folder, family, config, ((k, (lambda v=v: v)) for k, v in params.items()),
+        parse_dtype(dtype), source_dir=source_dir, source="mlx_sora.save_model", overwrite=overwrite,
+    )

@@ -48,6 +48,9 @@ def timestep_transform(
         frames = mx.ones_like(num_frames)
     else:
         frames = mx.floor(num_frames / 17) * 5  # latent frames; 17 -> 5 is the VAE's reduction
+        # Deliberate deviation: for 2..16 frames the reference gets ratio 0 and NaN timesteps
+        # (0 / 0 at t = 1); such short clips are treated like an image (ratio_time 1) instead.
+        frames = mx.maximum(frames, 1)
     ratio_time = mx.sqrt(frames / base_num_frames)
     ratio = ratio_space * ratio_time * scale
     new_t = ratio * t / (1 + (ratio - 1) * t)
@@ -172,8 +175,8 @@ class SamplerConfig:
             raise ValueError(f"tdtm_steps must be >= 0, got {self.tdtm_steps}")
         if isinstance(self.leap, FixedLeap) and self.leap.step >= self.num_steps:
             raise ValueError(
-                f"leap step {self.leap.step} is not before the last step ({self.num_steps - 1}); "
-                f"choose a step in 0..{self.num_steps - 2} or no leap"
+                f"leap step {self.leap.step} is past the last step; with {self.num_steps} steps "
+                f"choose a step in 0..{self.num_steps - 1}"
             )
 
 

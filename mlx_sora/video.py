@@ -1,0 +1,78 @@
+"""Frames to uint8 and atomic mp4 writing (H.264, yuv420p) with PyAV."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+
+def to_uint8_frames(video: np.ndarray) -> np.ndarray:
+    """[3, T, H, W] float in [-1, 1] -> [T, H, W, 3] uint8, rounded as the reference ``save_sample``."""
+    if video.ndim != 4 or video.shape[0] != 3:
+        raise ValueError(f"expected a [3, T, H, W] video, got shape {video.shape}")
+    x = (np.clip(video.astype(np.float32), -1.0, 1.0) + 1.0) / 2.0
+    x = np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)  # truncation after +0.5, like torch .to(uint8)
+    return np.ascontiguousarray(x.transpose(1, 2, 3, 0))
+
+
+def pad_to_even(frames: np.ndarray) -> np.ndarray:
+    """yuv420p needs even sizes: an odd height/width gets one replicated edge row/column."""
+    _, h, w, _ = frames.shape
+    if h % 2 == 0 and w % 2 == 0:
+        return frames
+    return np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early (before any heavy work) when the output cannot be written."""
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"output {path} must end in .mp4")
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder; give a file name ending in .mp4")
+    if not folder.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot create the output folder {folder}: {e}") from e
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"output folder {folder} is not writable")
+    return path
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -> Path:
+    """Write [T, H, W, 3] uint8 frames as H.264 mp4, atomically (temp file + rename).
+
+    On any failure (e.g. a full disk) the temporary file is removed and nothing is left at ``path``.
+    """
+    import av
+
+    path = check_writable(path)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected [T, H, W, 3] uint8 frames, got {frames.dtype} {frames.shape}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    frames = pad_to_even(frames)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
+    os.close(fd)
+    try:
+        with av.open(tmp_name, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
