@@ -1,0 +1,372 @@
+"""STDiT3 (Open-Sora 1.2 diffusion transformer, ``hpcai-tech/OpenSora-STDiT-v3``) in MLX.
+
+Reproduces ``opensora/models/stdit/stdit3.py`` (hpcaitech/Open-Sora @ 8d132d7) weight for weight;
+the layers live in ``stdit3_layers.py``. The model is a chain of uniform units so that a streamer can
+run (and load) one unit at a time::
+
+    x, state = model.prepare(x, timestep, y, mask, x_mask, fps, height, width, merge)  # "embedders"
+    for unit in model.blocks:          # "block_00" .. "block_27": spatial_blocks[i] + temporal_blocks[i]
+        x = unit(x, state)
+    out = model.finalize(x, state)     # "final_layer"
+
+``model(...)`` chains exactly these. ``merge=True`` turns on TDTM (On-device Sora) in every block.
+
+Deviations from the reference (all documented where they happen): the output stays in the compute
+dtype (the reference casts it to float32); RoPE angles are float32 even for bf16 weights; fps,
+height and width are cast to the compute dtype inside (the reference's inference script does that
+before the call); a text mask with a sample of zero valid tokens is rejected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..checkpoint import CheckpointError
+from . import ModelFamily, register_family
+from .stdit3_layers import (
+    CaptionEmbedder,
+    PatchEmbed3D,
+    STDiT3Block,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    position_embedding_2d,
+    rope_inv_freq,
+)
+
+if TYPE_CHECKING:
+    from ..checkpoint import CheckpointFolder
+
+
+@dataclass(frozen=True)
+class STDiT3Config:
+    """The fields of the reference ``STDiT3Config``; defaults are STDiT3-XL/2 as released.
+
+    ``class_dropout_prob``, ``drop_path``, the ``enable_*`` kernel/parallelism switches,
+    ``only_train_temporal`` and ``freeze_y_embedder`` only matter for training or for how the
+    reference runs on GPUs; they are kept so that a config round-trips, and do not change the output.
+    """
+
+    depth: int = 28
+    hidden_size: int = 1152
+    num_heads: int = 16
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 4
+    pred_sigma: bool = True
+    caption_channels: int = 4096
+    model_max_length: int = 300
+    qk_norm: bool = True
+    input_sq_size: int = 512
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    drop_path: float = 0.0
+    input_size: tuple = (None, None, None)
+    enable_flash_attn: bool = False
+    enable_layernorm_kernel: bool = False
+    enable_sequence_parallelism: bool = False
+    only_train_temporal: bool = False
+    freeze_y_embedder: bool = False
+    skip_y_embedder: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        object.__setattr__(self, "input_size", tuple(self.input_size))
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive ints (t, h, w), got {self.patch_size}")
+        for name in ("depth", "hidden_size", "num_heads", "in_channels", "caption_channels", "model_max_length", "input_sq_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for the temporal RoPE")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos position embedding)")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+        if self.skip_y_embedder:
+            raise ValueError("skip_y_embedder=True (captions given already projected) is not supported; "
+                             "the released checkpoints use skip_y_embedder=False")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.pred_sigma else self.in_channels
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> "STDiT3Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class STDiT3State:
+    """What ``prepare`` computes once per call and every unit reads (besides the tokens)."""
+
+    t: mx.array  # [B, C]: timestep + fps embedding (modulates the final layer)
+    t_mlp: mx.array  # [B, 6C]: adaLN-single modulation of the blocks
+    y: mx.array  # [B, L, C]: projected caption
+    key_mask: mx.array | None  # [B, 1, 1, L] bool: valid caption tokens per sample
+    x_mask: mx.array | None = None  # [B, T] bool: False frames use the t=0 modulation
+    t0: mx.array | None = None
+    t0_mlp: mx.array | None = None
+    grid: tuple[int, int, int] = (0, 0, 0)  # token grid (T, H, W) after padding
+    input_size: tuple[int, int, int] = (0, 0, 0)  # latent (T, H, W) before padding
+    merge: bool = False  # TDTM
+
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (self.t, self.t_mlp, self.y, self.key_mask, self.x_mask, self.t0, self.t0_mlp) if a is not None]
+
+
+class STDiT3Unit:
+    """Unit i of the block chain: ``spatial_blocks[i]`` then ``temporal_blocks[i]`` (not a Module, so
+    the parameters keep the reference's names)."""
+
+    def __init__(self, spatial: STDiT3Block, temporal: STDiT3Block):
+        self.spatial = spatial
+        self.temporal = temporal
+
+    def __call__(self, x: mx.array, state: STDiT3State) -> mx.array:
+        for block in (self.spatial, self.temporal):
+            x = block(x, state.y, state.t_mlp, state.key_mask, state.x_mask, state.t0_mlp, state.merge)
+        return x
+
+
+def _as_array(value: Any, name: str) -> mx.array:
+    if value is None:
+        raise ValueError(f"{name} is required")
+    arr = value if isinstance(value, mx.array) else mx.array(np.asarray(value))
+    return arr.reshape(-1) if arr.ndim == 0 else arr
+
+
+def _repeat_rows(arr: mx.array, batch: int, name: str) -> mx.array:
+    """The reference's ``.repeat(B // B', 1)`` for per-sample inputs given for half the CFG batch."""
+    if arr.shape[0] == batch:
+        return arr
+    if arr.shape[0] == 0 or batch % arr.shape[0]:
+        raise ValueError(f"{name} has {arr.shape[0]} rows; expected the batch size {batch} or a divisor of it")
+    return mx.tile(arr, (batch // arr.shape[0],) + (1,) * (arr.ndim - 1))
+
+
+class STDiT3(nn.Module):
+    def __init__(self, config: STDiT3Config):
+        super().__init__()
+        self.config = config
+        c = config
+        self.x_embedder = PatchEmbed3D(c.patch_size, c.in_channels, c.hidden_size)
+        self.t_embedder = TimestepEmbedder(c.hidden_size)
+        self.fps_embedder = TimestepEmbedder(c.hidden_size)  # SizeEmbedder: same layers
+        self.t_block = [nn.SiLU(), nn.Linear(c.hidden_size, 6 * c.hidden_size)]
+        self.y_embedder = CaptionEmbedder(c.caption_channels, c.hidden_size, c.model_max_length)
+        block_args = (c.hidden_size, c.num_heads, c.mlp_ratio, c.qk_norm)
+        self.spatial_blocks = [STDiT3Block(*block_args, temporal=False) for _ in range(c.depth)]
+        self.temporal_blocks = [STDiT3Block(*block_args, temporal=True) for _ in range(c.depth)]
+        self.final_layer = T2IFinalLayer(c.hidden_size, math.prod(c.patch_size), c.out_channels)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """Compute dtype = dtype of the loaded weights."""
+        return self.x_embedder.proj.weight.dtype
+
+    @property
+    def blocks(self) -> tuple[STDiT3Unit, ...]:
+        return tuple(STDiT3Unit(s, t) for s, t in zip(self.spatial_blocks, self.temporal_blocks))
+
+    def null_caption(self, batch: int) -> mx.array:
+        """The classifier-free-guidance null caption [batch, 1, L, C_caption] (``y_embedding``)."""
+        emb = self.y_embedder.y_embedding
+        return mx.broadcast_to(emb[None, None], (batch, 1) + tuple(emb.shape))
+
+    def _t_mlp(self, t: mx.array) -> mx.array:
+        for layer in self.t_block:
+            t = layer(t)
+        return t
+
+    def prepare(
+        self,
+        x: mx.array,
+        timestep: mx.array,
+        y: mx.array,
+        mask: mx.array | None = None,
+        x_mask: mx.array | None = None,
+        fps: Any = None,
+        height: Any = None,
+        width: Any = None,
+        merge: bool = False,
+    ) -> tuple[mx.array, STDiT3State]:
+        """The "embedders" unit: tokens [B, T, S, C] (pos-embedded) and the state every unit reads."""
+        c = self.config
+        dtype = self.dtype
+        if x.ndim != 5 or x.shape[1] != c.in_channels:
+            raise ValueError(f"x must be [B, {c.in_channels}, T, H, W] latents, got shape {tuple(x.shape)}")
+        batch, _, tx, hx, wx = x.shape
+        timestep = _as_array(timestep, "timestep")
+        if timestep.shape != (batch,):
+            timestep = _repeat_rows(timestep.reshape(-1), batch, "timestep")
+        if y.ndim == 4:
+            if y.shape[1] != 1:
+                raise ValueError(f"y must be [B, 1, L, C] or [B, L, C], got shape {tuple(y.shape)}")
+            y = y[:, 0]
+        if y.ndim != 3 or y.shape[0] != batch or y.shape[2] != c.caption_channels:
+            raise ValueError(f"y must be [{batch}, 1, L, {c.caption_channels}] caption embeddings, got shape {tuple(y.shape)}")
+        if fps is None or height is None or width is None:
+            raise ValueError("fps, height and width are required (height/width in pixels set the position-embedding scale)")
+
+        x = x.astype(dtype)
+        timestep = timestep.astype(dtype)  # bf16 weights: 417.5 -> 418, as in the reference
+        y = y.astype(dtype)
+        pt, ph, pw = c.patch_size
+        grid = (-(-tx // pt), -(-hx // ph), -(-wx // pw))
+        n_t, n_h, n_w = grid
+        s = n_h * n_w
+
+        # === position embedding (scale from the first sample's pixel size, like the reference)
+        h0 = float(_as_array(height, "height").astype(dtype).astype(mx.float32)[0].item())
+        w0 = float(_as_array(width, "width").astype(dtype).astype(mx.float32)[0].item())
+        scale = math.sqrt(h0 * w0) / c.input_sq_size
+        pos_emb = position_embedding_2d(c.hidden_size, n_h, n_w, scale=scale, base_size=round(s**0.5)).astype(dtype)
+
+        # === timestep + fps embedding, adaLN-single
+        fps = _repeat_rows(_as_array(fps, "fps").reshape(-1).astype(dtype), batch, "fps")
+        fps_emb = self.fps_embedder(fps, dtype)
+        t = self.t_embedder(timestep, dtype) + fps_emb
+        t_mlp = self._t_mlp(t)
+        t0 = t0_mlp = None
+        if x_mask is not None:
+            x_mask = _as_array(x_mask, "x_mask")
+            if x_mask.shape != (batch, tx):
+                raise ValueError(f"x_mask must be [{batch}, {tx}] (one flag per latent frame), got {tuple(x_mask.shape)}")
+            x_mask = x_mask.astype(mx.bool_)
+            if n_t != tx:  # the token grid is padded in time only if patch_size[0] > 1
+                x_mask = mx.pad(x_mask, [(0, 0), (0, n_t - tx)], constant_values=True)
+            t0 = self.t_embedder(mx.zeros_like(timestep), dtype) + fps_emb
+            t0_mlp = self._t_mlp(t0)
+
+        # === caption
+        y = self.y_embedder(y)
+        key_mask = None
+        if mask is not None:
+            mask = _as_array(mask, "mask")
+            if mask.ndim != 2 or mask.shape[1] != y.shape[1]:
+                raise ValueError(f"mask must be [B, {y.shape[1]}] (1 = valid caption token), got {tuple(mask.shape)}")
+            mask = _repeat_rows(mask != 0, batch, "mask")
+            if not mx.all(mx.any(mask, axis=1)).item():
+                raise ValueError("every sample needs at least one valid caption token (a mask row is all zero)")
+            key_mask = mask[:, None, None, :]
+
+        # === patches
+        tokens = self.x_embedder(x.transpose(0, 2, 3, 4, 1)).reshape(batch, n_t, s, c.hidden_size)
+        tokens = tokens + pos_emb
+        state = STDiT3State(t=t, t_mlp=t_mlp, y=y, key_mask=key_mask, x_mask=x_mask, t0=t0, t0_mlp=t0_mlp,
+                            grid=grid, input_size=(tx, hx, wx), merge=bool(merge))
+        return tokens, state
+
+    def finalize(self, x: mx.array, state: STDiT3State) -> mx.array:
+        """The "final_layer" unit: tokens [B, T, S, C] -> [B, out_channels, T, H, W] (cropped)."""
+        c = self.config
+        x = self.final_layer(x, state.t, state.x_mask, state.t0)
+        b = x.shape[0]
+        n_t, n_h, n_w = state.grid
+        pt, ph, pw = c.patch_size
+        x = x.reshape(b, n_t, n_h, n_w, pt, ph, pw, c.out_channels)
+        x = x.transpose(0, 7, 1, 4, 2, 5, 3, 6).reshape(b, c.out_channels, n_t * pt, n_h * ph, n_w * pw)
+        tx, hx, wx = state.input_size
+        return x[:, :, :tx, :hx, :wx]
+
+    def __call__(
+        self,
+        x: mx.array,
+        timestep: mx.array,
+        y: mx.array,
+        mask: mx.array | None = None,
+        x_mask: mx.array | None = None,
+        fps: Any = None,
+        height: Any = None,
+        width: Any = None,
+        merge: bool = False,
+    ) -> mx.array:
+        """Velocity (+ sigma) prediction [B, out_channels, T, H, W] in the compute dtype.
+
+        x [B, C_in, T, H, W]; timestep [B]; y [B, 1, L, C_caption] or [B, L, C_caption]; mask [B', L]
+        with B' = B or B/2 (repeated, so a CFG null half uses the conditional lengths); x_mask
+        [B, T] bool; fps/height/width [B'] (height[0], width[0] set the position-embedding scale).
+        """
+        h, state = self.prepare(x, timestep, y, mask, x_mask, fps, height, width, merge)
+        for unit in self.blocks:
+            h = unit(h, state)
+        return self.finalize(h, state)
+
+
+# ------------------------------------------------------------------------------ conversion
+
+_EMBEDDER_PREFIXES = ("x_embedder.", "t_embedder.", "fps_embedder.", "t_block.", "y_embedder.")
+
+
+def unit_of(mlx_key: str) -> str:
+    if mlx_key.startswith(_EMBEDDER_PREFIXES):
+        return "embedders"
+    if mlx_key.startswith("final_layer."):
+        return "final_layer"
+    for prefix in ("spatial_blocks.", "temporal_blocks."):
+        if mlx_key.startswith(prefix):
+            return f"block_{int(mlx_key[len(prefix):].split('.')[0]):02d}"
+    raise ValueError(f"{mlx_key!r} is not an STDiT3 parameter")
+
+
+def _matches(hf_config: dict, checkpoint: "CheckpointFolder | None") -> bool:
+    return hf_config.get("model_type") == "STDiT3" or "STDiT3" in (hf_config.get("architectures") or [])
+
+
+def _config_from_hf(hf_config: dict, checkpoint: "CheckpointFolder") -> dict:
+    config = STDiT3Config.from_dict(hf_config)
+    if "rope.freqs" in checkpoint:  # dropped at conversion: make sure it is what the MLX RoPE uses
+        stored = np.array(checkpoint.load("rope.freqs").astype(mx.float32))
+        expected = rope_inv_freq(config.head_dim)
+        if stored.shape != expected.shape or not np.allclose(stored, expected, rtol=1e-6, atol=0):
+            raise CheckpointError(
+                f"rope.freqs {stored.shape} differs from 1/10000^(2i/{config.head_dim}) that this "
+                "implementation uses; the checkpoint is not a standard STDiT3"
+            )
+    return config.to_dict()
+
+
+def _rename(hf_key: str, config: dict) -> str | None:
+    if hf_key == "rope.freqs":  # recomputed from head_dim (checked in _config_from_hf)
+        return None
+    return hf_key
+
+
+def _transform(mlx_key: str, value: mx.array) -> mx.array:
+    if mlx_key == "x_embedder.proj.weight" and value.ndim == 5:
+        return value.transpose(0, 2, 3, 4, 1)  # Conv3d (O, I, kt, kh, kw) -> (O, kt, kh, kw, I)
+    return value
+
+
+def _build(config: dict) -> STDiT3:
+    return STDiT3(STDiT3Config.from_dict(config))
+
+
+FAMILY = register_family(
+    ModelFamily(
+        model_type="stdit3",
+        matches=_matches,
+        config_from_hf=_config_from_hf,
+        rename=_rename,
+        unit_of=unit_of,
+        build=_build,
+        transform=_transform,
+        hf_allow_patterns=("config.json", "*.safetensors"),
+    )
+)
