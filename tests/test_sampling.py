@@ -45,3 +45,145 @@ def test_config_validation():
         SamplerConfig(num_steps=0)
     with pytest.raises(ValueError, match="similarity"):
         DynamicLeap(similarity="cosine")
+
+
+# ---------------------------------------------------------------- full runs with the tiny STDiT3
+
+
+def _load(name: str) -> dict[str, mx.array]:
+    return mx.load(str(FIXTURES / name))
+
+
+@pytest.fixture(scope="module")
+def tiny_stdit(tmp_path_factory):
+    from mlx_sora import convert, load_model
+
+    folder = convert(FIXTURES / "stdit3_checkpoint", tmp_path_factory.mktemp("stdit3") / "m")
+    return load_model(folder)
+
+
+def _run(model, data: dict, batch: slice, config: SamplerConfig, dtype=mx.float32, prefix: str = ""):
+    z0 = data["z0"][batch]
+    b = z0.shape[0]
+    y = mx.concatenate([data["y"][batch], model.null_caption(b)], axis=0).astype(dtype)
+    cond = {k: data[k][batch].astype(dtype) for k in ("fps", "height", "width")}
+    frames = data["num_frames"][batch].astype(dtype)
+    text_mask = data["text_mask"][batch]
+    timesteps = sampling_timesteps(
+        config.num_steps, b, cond["height"], cond["width"], frames,
+        use_discrete_timesteps=config.use_discrete_timesteps,
+    )
+
+    def denoise(z_in, t_in, merge):
+        return model(z_in.astype(dtype), t_in, y, mask=text_mask, merge=merge, **cond)
+
+    return sample(denoise, z0, timesteps, config)
+
+
+def _close(got: mx.array, ref: mx.array, rel: float = 1e-3) -> float:
+    """max abs error relative to max(1, max|ref|), the fixtures' tolerance for sampled latents."""
+    err = mx.abs(got.astype(mx.float32) - ref).max().item() / max(1.0, mx.abs(ref).max().item())
+    assert err <= rel, err
+    return err
+
+
+def test_full_30_step_sample_matches_reference(tiny_stdit):
+    data = _load("rflow_sample.safetensors")
+    z, report = _run(tiny_stdit, data, slice(None), SamplerConfig())
+    assert report.evaluations == 30 and report.leap_step is None
+    _close(z, data["z_final"])
+
+
+def test_intermediate_states_match_reference(tiny_stdit):
+    data = _load("rflow_sample.safetensors")
+    states = {}
+    from mlx_sora.sampling import iterate_sampling
+
+    b = 2
+    y = mx.concatenate([data["y"], tiny_stdit.null_caption(b)], axis=0)
+    cond = {k: data[k] for k in ("fps", "height", "width")}
+    timesteps = sampling_timesteps(30, b, data["height"], data["width"], data["num_frames"])
+    np.testing.assert_allclose(np.array([t[0].item() for t in timesteps]), np.array(data["timesteps"]), atol=1e-3)
+    captured = {}
+
+    def denoise(z_in, t_in, merge):
+        out = tiny_stdit(z_in, t_in, y, mask=data["text_mask"], **cond)
+        pred = out[:, :4]
+        cond_v, uncond_v = mx.split(pred, 2, axis=0)
+        captured[len(captured)] = uncond_v + 7.0 * (cond_v - uncond_v)
+        return out
+
+    for z, info in iterate_sampling(denoise, data["z0"], timesteps, SamplerConfig()):
+        states[info.index + 1] = z
+    rel = lambda a, r: mx.abs(a - r).max().item() / mx.abs(r).max().item()  # noqa: E731
+    assert rel(captured[0], data["v_pred_step0"]) <= 1e-5
+    assert rel(states[1], data["z_step1"]) <= 1e-5
+    _close(states[15], data["z_step15"])
+    _close(captured[15], data["v_pred_step15"])
+
+
+def test_bf16_sample_within_documented_tolerance(tmp_path):
+    from mlx_sora import convert, load_model
+
+    model = load_model(convert(FIXTURES / "stdit3_checkpoint", tmp_path / "m"), dtype=mx.bfloat16)
+    data = _load("rflow_sample.safetensors")
+    z, _ = _run(model, data, slice(None), SamplerConfig(), dtype=mx.bfloat16)
+    # the reference's own bf16 run differs from fp32 by 0.576 (z max 11.5); allow 1.5x that
+    assert mx.abs(z - data["z_final"]).max().item() <= 1.5 * 0.576
+
+
+LPL_RUNS = {
+    "noleap_continuous": SamplerConfig(),
+    "noleap_discrete": SamplerConfig(use_discrete_timesteps=True),
+    "fixed15_continuous": SamplerConfig(leap=FixedLeap(15)),
+    "fixed15_discrete": SamplerConfig(leap=FixedLeap(15), use_discrete_timesteps=True),
+    "dynamic_continuous": SamplerConfig(leap=DynamicLeap()),
+    "dynamic_discrete": SamplerConfig(leap=DynamicLeap(), use_discrete_timesteps=True),
+    "fixed15_discrete_tdtm10": SamplerConfig(leap=FixedLeap(15), use_discrete_timesteps=True, tdtm_steps=10),
+}
+
+
+@pytest.mark.parametrize("run", list(LPL_RUNS))
+def test_lpl_matches_on_device_sora(tiny_stdit, run):
+    data = _load("rflow_sample.safetensors")
+    lpl = _load("rflow_lpl.safetensors")
+    meta = json.loads((FIXTURES / "rflow_lpl_meta.json").read_text())["runs"][run]
+    z, report = _run(tiny_stdit, data, slice(0, 1), LPL_RUNS[run])
+    assert report.evaluations == meta["n_model_evals"]
+    assert report.leap_step == meta["leap_at_step"]
+    np.testing.assert_allclose([s.timestep for s in report.steps], meta["timesteps_used"], atol=1e-3)
+    if meta["cos_log"]:
+        for info, logged in zip(report.steps, meta["cos_log"]):
+            if logged["cos_mean"] is None:
+                assert info.cosine is None
+            else:
+                assert abs(info.cosine - logged["cos_mean"]) <= 1e-4
+    _close(z, lpl[f"{run}.z"])
+
+
+def test_fixed_leap_runs_batches(tiny_stdit):
+    """The reference LPL sampler only runs batch 1; ours leaps a whole batch (fixture: the formula
+    z_step15 + v15 * t15 / 1000 on the batch-2 reference trajectory)."""
+    data = _load("rflow_sample.safetensors")
+    z, report = _run(tiny_stdit, data, slice(None), SamplerConfig(leap=FixedLeap(15)))
+    assert report.evaluations == 16 and report.leap_step == 15
+    _close(z, data["z_fixed_leap15_formula"])
+
+
+def test_dynamic_leap_runs_batches(tiny_stdit):
+    """Batch 2 with the reference rule (decided on sample 0) leaps where the batch-1 run does, and
+    sample 0 equals the batch-1 result."""
+    data = _load("rflow_sample.safetensors")
+    lpl = _load("rflow_lpl.safetensors")
+    z, report = _run(tiny_stdit, data, slice(None), SamplerConfig(leap=DynamicLeap()))
+    assert report.evaluations == 18 and report.leap_step == 17
+    _close(z[:1], lpl["dynamic_continuous.z"])
+
+
+def test_short_clips_get_finite_timesteps():
+    """Deliberate deviation: the reference's transform is 0/0 for 2..16 frames; we use ratio_time 1."""
+    args = [mx.array([v], dtype=mx.float32) for v in (144, 256)]
+    short = sampling_timesteps(30, 1, *args, mx.array([9.0]))
+    image = sampling_timesteps(30, 1, *args, mx.array([1.0]))
+    assert all(mx.isfinite(t).all().item() for t in short)
+    np.testing.assert_array_equal(np.array(short), np.array(image))

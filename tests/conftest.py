@@ -1,0 +1,65 @@
+"""Shared test helpers: a tiny random Open-Sora model folder for end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures" / "opensora12"
+
+TINY_T5 = {
+    "model_type": "t5", "vocab_size": 160, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2,
+    "num_heads": 4, "relative_attention_num_buckets": 8, "relative_attention_max_distance": 20,
+    "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
+}
+
+
+def tiny_stdit3_config() -> dict:
+    config = json.loads((FIXTURES / "stdit3_checkpoint" / "config.json").read_text())
+    config["model_max_length"] = 300  # the pipeline's prompt length
+    return config
+
+
+def train_spiece(folder: Path, vocab_size: int = 60) -> Path:
+    import sentencepiece as spm
+
+    corpus = [
+        "a red panda eating bamboo in a misty forest", "a cat playing piano in a jazz club",
+        "waves crashing on a rocky shore at sunset", "aesthetic score: 6.5. motion score: 4.0.",
+        "camera motion: pan right. a drone shot of a city at night with neon lights",
+    ] * 4
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_prefix=str(folder / "spiece"), vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>",
+        eos_piece="</s>", unk_piece="<unk>", character_coverage=1.0, minloglevel=2,
+    )
+    return folder / "spiece.model"
+
+
+def build_tiny_model_folder(root: Path) -> Path:
+    """text_encoder/ (random tiny T5), stdit3/ (random tiny STDiT3 with 300 text tokens) and vae/
+    (the fixture's tiny VAE v1.2, through the converter): a complete model for the pipeline."""
+    from mlx_sora import convert, save_model
+    from mlx_sora.models import family_for_type
+
+    mx.random.seed(0)
+    spiece_dir = root / "spiece"
+    spiece_dir.mkdir(parents=True)
+    train_spiece(spiece_dir)
+    t5 = family_for_type("t5").build(TINY_T5)
+    save_model(t5, root / "model" / "text_encoder", "t5", TINY_T5, source_dir=spiece_dir)
+    config = tiny_stdit3_config()
+    stdit = family_for_type("stdit3").build(config)
+    save_model(stdit, root / "model" / "stdit3", "stdit3", config)
+    convert(FIXTURES / "vae_v12_checkpoint", root / "model" / "vae")
+    shutil.rmtree(spiece_dir)
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory) -> Path:
+    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny_opensora"))
