@@ -24,11 +24,14 @@ OPENBLAS_CANDIDATES = (
 _REEXEC_FLAG = "MLX_SORA_BLAS_CHECKED"
 
 
-def _openblas_loaded() -> bool:
+def _openblas_loaded(candidates: tuple[str, ...] = OPENBLAS_CANDIDATES) -> bool:
+    """Whether a system OpenBLAS (which interposes the BLAS symbols MLX calls) is mapped. numpy's own
+    bundled OpenBLAS does not count: its symbols are prefixed and MLX never calls them."""
     try:
-        return "openblas" in Path("/proc/self/maps").read_text()
+        maps = Path("/proc/self/maps").read_text()
     except OSError:
         return False
+    return any(p in maps or os.path.realpath(p) in maps for p in candidates if Path(p).exists())
 
 
 def ensure_fast_cpu_blas(quiet: bool = False) -> None:

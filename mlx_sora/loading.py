@@ -126,6 +126,7 @@ def write_converted_folder(
             mx.eval(arrays)
             mx.save_safetensors(str(tmp_dir / unit_file(unit)), arrays, metadata={"format": "mlx"})
             del arrays
+            mx.clear_cache()  # freed buffers would otherwise stay in MLX's cache: one unit at a time
         full_config = dict(config)
         full_config["model_type"] = family.model_type
         full_config["mlx_sora"] = {

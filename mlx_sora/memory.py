@@ -15,7 +15,18 @@ GIB = 1024**3
 
 
 def max_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far.
+
+    On Linux this is VmHWM (reset by exec: ru_maxrss would carry the peak of the parent process that
+    forked us); elsewhere ru_maxrss (bytes on macOS).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import av
 import pytest
@@ -91,3 +92,20 @@ def test_module_entry_point_help():
                           text=True, env=env, check=True)
     assert "--lpl-step" in done.stdout and "--tdtm-steps" in done.stdout
     assert "RuntimeWarning" not in done.stderr
+
+
+def test_cli_uses_openblas_when_installed_or_says_how(tmp_path):
+    """On Linux CPU the CLI restarts itself with an installed OpenBLAS, or prints one line on how to
+    install it (the model error afterwards is expected: the folder does not exist)."""
+    if sys.platform != "linux":
+        pytest.skip("the reference-BLAS check is Linux-only")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLX_SORA_BLAS_CHECKED", "LD_PRELOAD")}
+    done = subprocess.run(
+        [sys.executable, "-m", "mlx_sora.generate", "--prompt", "a cat", "--model", str(tmp_path / "none"),
+         "--output", str(tmp_path / "x.mp4")], capture_output=True, text=True, env=env,
+    )
+    assert done.returncode == 1 and "does not exist" in done.stderr
+    if any(Path(p).exists() for p in generate.OPENBLAS_CANDIDATES):
+        assert "restarting with OpenBLAS" in done.stderr
+    else:
+        assert "apt-get install libopenblas0-pthread" in done.stderr

@@ -187,3 +187,23 @@ def test_short_clips_get_finite_timesteps():
     image = sampling_timesteps(30, 1, *args, mx.array([1.0]))
     assert all(mx.isfinite(t).all().item() for t in short)
     np.testing.assert_array_equal(np.array(short), np.array(image))
+
+
+def test_whole_latent_similarity_variant(tiny_stdit):
+    """The optional whole-latent rule follows the same patience logic on the full guided velocity."""
+    data = _load("rflow_sample.safetensors")
+    z, report = _run(tiny_stdit, data, slice(None), SamplerConfig(leap=DynamicLeap(similarity="whole")))
+    cosines = [s.cosine for s in report.steps]
+    assert all(c is None for c in cosines[:14]) and all(-1 <= c <= 1 for c in cosines[14:])
+    assert report.leap_step is not None and report.evaluations == report.leap_step + 1
+    # replay the rule on the logged similarities: the leap fires exactly when the patience runs out
+    best, patience = 0.0, 3
+    for step, cos in enumerate(cosines[14:], start=14):
+        if cos > best + 1e-3:
+            best, patience = cos, 3
+        else:
+            patience -= 1
+        assert (patience == 0) == (step == report.leap_step)
+        if patience == 0:
+            break
+    assert mx.isfinite(z).all().item()
