@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{args.fps} fps, seed {result.seed})")
             if not args.quiet:
                 print(result.summary())
-    except (CheckpointError, ValueError, OSError) as e:
+    except (CheckpointError, ValueError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

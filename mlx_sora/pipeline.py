@@ -65,9 +65,9 @@ def find_components(root: str | Path) -> dict[str, Path]:
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         config = sub / "config.json"
         if config.exists():
-            model_type = json.loads(config.read_text()).get("model_type")
-            if model_type in COMPONENTS and "mlx_sora" in json.loads(config.read_text()):
-                found[COMPONENTS[model_type]] = sub
+            values = json.loads(config.read_text())
+            if values.get("model_type") in COMPONENTS and "mlx_sora" in values:
+                found[COMPONENTS[values["model_type"]]] = sub
     missing = [c for c in COMPONENTS.values() if c not in found]
     if missing:
         raise CheckpointError(
@@ -117,6 +117,8 @@ class GenerationResult:
     phases: list[PhaseReport] = field(default_factory=list)
     sampling: SamplingReport = field(default_factory=SamplingReport)
     latent_shape: tuple[int, ...] = ()
+    latent: mx.array | None = None
+    """The denoised latent [B, 4, T', H', W'] the videos were decoded from."""
 
     def summary(self) -> str:
         lines = [p.summary() for p in self.phases]
@@ -243,63 +245,65 @@ class Pipeline:
             self._release("text_encoder")
         phases.append(phase)
 
-        results = [
-            self._generate_one(texts, y, text_mask, s, height, width, frames, fps, config, list(phases), progress)
-            for s in seeds
-        ]
+        # each model is loaded once for all seeds: denoise every seed, then decode every latent
+        results = [GenerationResult([], texts, s, fps, list(phases)) for s in seeds]
+        for result in results:
+            with measure_phase("denoising") as phase:
+                latent = self._denoise(result, y, text_mask, height, width, frames, fps, config, progress)
+            result.phases.append(phase)
+            result.latent = latent
+        self._release("stdit3")
+        for result in results:
+            with measure_phase("decoding") as phase:
+                result.videos = self._decode(result.latent, frames, progress)
+            result.phases.append(phase)
+        self._release("vae")
         return results[0] if isinstance(seed, int) else results
 
-    def _generate_one(
-        self, texts: list[str], y: mx.array, text_mask: mx.array, seed: int, height: int, width: int,
-        frames: int, fps: int, config: SamplerConfig, phases: list[PhaseReport], progress: bool,
-    ) -> GenerationResult:
-        batch = len(texts)
-        result = GenerationResult([], texts, seed, fps, phases)
-        with measure_phase("denoising") as phase:
-            latent_t, latent_h, latent_w = self.latent_size(frames, height, width)
-            z = mx.random.normal((batch, 4, latent_t, latent_h, latent_w), key=mx.random.key(seed))
-            result.latent_shape = tuple(z.shape)
-            model = self._model("stdit3")
-            cond = [mx.array([v] * batch, dtype=self.dtype) for v in (height, width, frames)]
-            fps_cond = mx.array([fps if frames > 1 else IMG_FPS] * batch, dtype=self.dtype)
-            y_in = mx.concatenate([y.astype(self.dtype), model.null_caption(batch).astype(self.dtype)], axis=0)
-            timesteps = sampling_timesteps(config.num_steps, batch, *cond, use_discrete_timesteps=config.use_discrete_timesteps)
+    def _denoise(
+        self, result: GenerationResult, y: mx.array, text_mask: mx.array, height: int, width: int,
+        frames: int, fps: int, config: SamplerConfig, progress: bool,
+    ) -> mx.array:
+        batch = y.shape[0]
+        latent_t, latent_h, latent_w = self.latent_size(frames, height, width)
+        z = mx.random.normal((batch, 4, latent_t, latent_h, latent_w), key=mx.random.key(result.seed))
+        result.latent_shape = tuple(z.shape)
+        model = self._model("stdit3")
+        cond = [mx.array([v] * batch, dtype=self.dtype) for v in (height, width, frames)]
+        fps_cond = mx.array([fps if frames > 1 else IMG_FPS] * batch, dtype=self.dtype)
+        y_in = mx.concatenate([y.astype(self.dtype), model.null_caption(batch).astype(self.dtype)], axis=0)
+        timesteps = sampling_timesteps(config.num_steps, batch, *cond,
+                                       use_discrete_timesteps=config.use_discrete_timesteps)
 
-            def denoise(z_in: mx.array, t_in: mx.array, merge: bool) -> mx.array:
-                # unit by unit with an eval after each: small graphs (and, on Metal, short command
-                # buffers that stay clear of the GPU watchdog)
-                x, state = model.prepare(z_in.astype(self.dtype), t_in, y_in, mask=text_mask, fps=fps_cond,
-                                         height=cond[0], width=cond[1], merge=merge)
-                for unit in model.blocks:
-                    x = unit(x, state)
-                    mx.eval(x)
-                return model.finalize(x, state)
+        def denoise(z_in: mx.array, t_in: mx.array, merge: bool) -> mx.array:
+            # unit by unit with an eval after each: small graphs (and, on Metal, short command
+            # buffers that stay clear of the GPU watchdog)
+            x, state = model.prepare(z_in.astype(self.dtype), t_in, y_in, mask=text_mask, fps=fps_cond,
+                                     height=cond[0], width=cond[1], merge=merge)
+            for unit in model.blocks:
+                x = unit(x, state)
+                mx.eval(x)
+            return model.finalize(x, state)
 
-            bar = tqdm(total=config.num_steps, desc="denoising", disable=not progress, leave=False)
-            for z, info in iterate_sampling(denoise, z, timesteps, config, result.sampling):
-                bar.update(config.num_steps - bar.n if info.leapt else 1)
-            bar.close()
-            if not mx.isfinite(z).all().item():
-                raise FloatingPointError(
-                    "sampling produced non-finite latents (NaN/inf); with float16 compute try "
-                    "--dtype bfloat16 or float32"
-                )
-            del model
-            self._release("stdit3")
-        phases.append(phase)
+        bar = tqdm(total=config.num_steps, desc=f"denoising (seed {result.seed})", disable=not progress, leave=False)
+        for z, info in iterate_sampling(denoise, z, timesteps, config, result.sampling):
+            bar.update(config.num_steps - bar.n if info.leapt else 1)
+        bar.close()
+        if not mx.isfinite(z).all().item():
+            raise FloatingPointError(
+                "sampling produced non-finite latents (NaN/inf); with float16 compute try "
+                "--dtype bfloat16 or float32"
+            )
+        return z
 
-        with measure_phase("decoding") as phase:
-            vae = self._model("vae")
-            chunks = []
-            for chunk in tqdm(vae.decode_chunks(z.astype(self.dtype), num_frames=frames), desc="decoding",
-                              disable=not progress, leave=False):
-                chunks.append(np.array(chunk.astype(mx.float32)))
-            video = np.concatenate(chunks, axis=2)  # [B, 3, T, H, W]
-            result.videos = [to_uint8_frames(v) for v in video]
-            del vae
-            self._release("vae")
-        phases.append(phase)
-        return result
+    def _decode(self, z: mx.array, frames: int, progress: bool) -> list[np.ndarray]:
+        vae = self._model("vae")
+        chunks = []
+        for chunk in tqdm(vae.decode_chunks(z.astype(self.dtype), num_frames=frames), desc="decoding",
+                          disable=not progress, leave=False):
+            chunks.append(np.array(chunk.astype(mx.float32)))
+        video = np.concatenate(chunks, axis=2)  # [B, 3, T, H, W]
+        return [to_uint8_frames(v) for v in video]
 
     def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """Latent (T, H, W) of a video size, from the VAE's config (building it allocates nothing)."""
