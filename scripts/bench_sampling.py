@@ -28,7 +28,9 @@ import mlx.core as mx
 
 from mlx_sora import convert, load_model
 from mlx_sora.memory import max_rss_bytes
-from mlx_sora.sampling import DynamicLeap, FixedLeap, SamplerConfig, sample, sampling_timesteps
+from mlx_sora.sampling import (
+    DynamicLeap, FixedLeap, SamplerConfig, num_evaluations, sample, sampling_timesteps,
+)
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "opensora12"
 
@@ -71,7 +73,10 @@ def run_xl(steps: int, frames: int, height: int, width: int) -> None:
     model = STDiT3(STDiT3Config())
     model.eval()
     mx.eval(model.parameters())
-    t_lat, h, w = 5 * (frames // 17) + -(-(frames % 17) // 4), height // 8, width // 8
+    from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
+
+    # the released VAE's own size rule (building it allocates nothing)
+    t_lat, h, w = OpenSoraVAE(VideoAutoencoderConfig()).get_latent_size((frames, height, width))
     key_z, key_y = mx.random.split(mx.random.key(0))
     z = mx.random.normal((1, 4, t_lat, h, w), key=key_z)
     y = mx.concatenate([mx.random.normal((1, 1, 300, 4096), key=key_y) * 0.1, model.null_caption(1)], axis=0)
@@ -98,7 +103,7 @@ def run_xl(steps: int, frames: int, height: int, width: int) -> None:
     for name, config in CONFIGS.items():
         if isinstance(config.leap, DynamicLeap):
             continue
-        evaluations = config.leap.step + 1 if config.leap else config.num_steps
+        evaluations = num_evaluations(config)
         merged = min(config.tdtm_steps, evaluations)
         seconds = merged * per_eval[True] + (evaluations - merged) * per_eval[False]
         print(f"  projected {name:<22} {evaluations:2d} evaluations ({merged:2d} merged) {seconds:8.0f} s   "

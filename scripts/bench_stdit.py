@@ -25,13 +25,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
+from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
 
 VAE_SPATIAL = 8  # pixels per latent pixel
 
 
 def latent_frames(num_frames: int) -> int:
-    """Open-Sora 1.2 VAE: 17 frames -> 5 latent frames (temporal VAE works in 17-frame chunks)."""
-    return 1 if num_frames == 1 else num_frames // 17 * 5
+    """Latent frames of the released Open-Sora 1.2 VAE (its own rule; building it allocates nothing)."""
+    return OpenSoraVAE(VideoAutoencoderConfig()).latent_frames(num_frames)
 
 
 def max_rss_gb() -> float:
