@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import pytest
 
-from mlx_sora import generate
+from mlx_sora import blas, generate
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +105,7 @@ def test_cli_uses_openblas_when_installed_or_says_how(tmp_path):
          "--output", str(tmp_path / "x.mp4")], capture_output=True, text=True, env=env,
     )
     assert done.returncode == 1 and "does not exist" in done.stderr
-    if any(Path(p).exists() for p in generate.OPENBLAS_CANDIDATES):
+    if any(Path(p).exists() for p in blas.OPENBLAS_CANDIDATES):
         assert "restarting with OpenBLAS" in done.stderr
     else:
         assert "apt-get install libopenblas0-pthread" in done.stderr
