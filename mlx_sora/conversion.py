@@ -79,6 +79,7 @@ def convert(
         mlx_path,
         family,
         config,
+        model,
         ((k, loader(k, renamed[k])) for k in ordered),
         storage_dtype,
         source_dir=source_dir,

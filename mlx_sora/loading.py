@@ -7,7 +7,9 @@ Layout of a converted folder::
     <unit>.safetensors             one file per unit (embedding, each block, final layer, ...)
     (extra files, e.g. spiece.model for T5)
 
-A unit is the granule of dynamic loading: ``load_unit_weights(folder, unit)`` reads one file.
+Units (``mlx_sora.models.units``) are the granule of dynamic loading: which weights go into which
+file follows from the model's own units, so a unit's weights load alone. Reading goes through the
+index's weight map, so a folder written by an older layout still loads.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,8 +27,9 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import CheckpointError
 from .models import ModelFamily, family_for_type
+from .models.units import unit_for_key
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: VAE decoders split into stages (format 1 folders still load)
 INDEX_NAME = "model.safetensors.index.json"
 
 DTYPES: dict[str, mx.Dtype] = {
@@ -91,7 +94,8 @@ def write_converted_folder(
     out_dir: str | Path,
     family: ModelFamily,
     config: dict,
-    weights: Iterable[tuple[str, "callable"]],
+    model: nn.Module,
+    weights: Iterable[tuple[str, Callable[[], mx.array]]],
     dtype: mx.Dtype,
     source_dir: Path | None = None,
     source: str = "",
@@ -99,18 +103,20 @@ def write_converted_folder(
 ) -> Path:
     """Write a converted folder atomically, one unit at a time.
 
-    ``weights`` yields (mlx key, loader) where ``loader()`` returns the tensor in MLX layout; loaders
-    are called unit by unit so that only one unit is in memory. The folder is built under a temporary
-    name next to ``out_dir`` and renamed into place at the end.
+    ``model`` (built from ``config``; its parameters may be lazy) defines the units; ``weights`` yields
+    (mlx key, loader) where ``loader()`` returns the tensor in MLX layout; loaders are called unit by
+    unit so that only one unit is in memory. The folder is built under a temporary name next to
+    ``out_dir`` and renamed into place at the end.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty; remove it or pass --overwrite")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
-    by_unit: dict[str, list[tuple[str, "callable"]]] = {}
+    by_unit: dict[str, list[tuple[str, Callable[[], mx.array]]]] = {u.name: [] for u in model.units}
     for key, loader in weights:
-        by_unit.setdefault(family.unit_of(key), []).append((key, loader))
+        by_unit[unit_for_key(model.units, key).name].append((key, loader))
+    by_unit = {name: entries for name, entries in by_unit.items() if entries}
 
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -171,22 +177,40 @@ def read_converted_config(folder: str | Path) -> dict:
     return config
 
 
-def read_index(folder: str | Path) -> dict[str, str]:
+def read_weight_map(folder: str | Path) -> dict[str, str]:
+    """Parameter key -> weight file name (a plain name inside ``folder``)."""
     path = Path(folder) / INDEX_NAME
     if not path.exists():
         raise CheckpointError(f"{folder} lacks {INDEX_NAME}: the conversion did not finish; convert again")
-    return json.loads(path.read_text())["weight_map"]
-
-
-def load_unit_weights(folder: str | Path, unit: str, dtype: mx.Dtype | None = None) -> dict[str, mx.array]:
-    """The parameters of one unit (lazy arrays, cast to ``dtype`` when given)."""
-    path = Path(folder) / unit_file(unit)
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing: the converted folder is incomplete; convert again")
     try:
-        weights = mx.load(str(path))
-    except Exception as e:  # mlx raises RuntimeError/ValueError on corrupt files
-        raise CheckpointError(f"{path} is corrupt ({e}); convert the model again") from e
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e}); convert the model again") from e
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: weight_map must be an object; convert the model again")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors") \
+                or name.startswith("."):
+            raise CheckpointError(
+                f"{path}: weight file {name!r} of {key!r} is not a plain file name inside the folder"
+            )
+    return weight_map
+
+
+def load_weight_files(
+    folder: str | Path, files: Iterable[str], dtype: mx.Dtype | None = None
+) -> dict[str, mx.array]:
+    """The tensors of some weight files of a converted folder, as lazy arrays (read from disk when
+    evaluated), floating ones cast to ``dtype`` when given."""
+    weights: dict[str, mx.array] = {}
+    for name in files:
+        path = Path(folder) / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: the converted folder is incomplete; convert again")
+        try:
+            weights.update(mx.load(str(path)))
+        except Exception as e:  # mlx raises RuntimeError/ValueError on corrupt files
+            raise CheckpointError(f"{path} is corrupt ({e}); convert the model again") from e
     if dtype is not None:
         weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     return weights
@@ -195,19 +219,19 @@ def load_unit_weights(folder: str | Path, unit: str, dtype: mx.Dtype | None = No
 def load_model(folder: str | Path, dtype: str | mx.Dtype | None = None, lazy: bool = False) -> nn.Module:
     """Build the model a converted folder holds and load its weights.
 
-    ``dtype`` is the compute dtype the weights are cast to (default: as stored). With ``lazy`` the
-    weights stay unevaluated (read from disk when first used).
+    ``dtype`` is the compute dtype (``model.compute_dtype``; default: the stored dtype); the weights
+    are cast to it. With ``lazy`` the weights stay unevaluated (read from disk when first used).
     """
     folder = Path(folder)
     config = read_converted_config(folder)
     family = family_for_type(config["model_type"])
     model = family.build(config)
-    dtype = parse_dtype(dtype)
-    weights: dict[str, mx.array] = {}
-    for unit in config["mlx_sora"]["units"]:
-        weights.update(load_unit_weights(folder, unit, dtype))
+    dtype = parse_dtype(dtype) or parse_dtype(config["mlx_sora"].get("dtype", "float32"))
+    weight_map = read_weight_map(folder)
+    weights = load_weight_files(folder, sorted(set(weight_map.values())), dtype)
     check_keys({k: tuple(v.shape) for k, v in weights.items()}, expected_parameters(model), str(folder))
     model.load_weights(list(weights.items()), strict=True)
+    model.compute_dtype = dtype
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
@@ -231,6 +255,6 @@ def save_model(
     family = family_for_type(model_type)
     params = dict(tree_flatten(model.parameters()))
     return write_converted_folder(
-        folder, family, config, ((k, (lambda v=v: v)) for k, v in params.items()),
+        folder, family, config, model, ((k, (lambda v=v: v)) for k, v in params.items()),
         parse_dtype(dtype), source_dir=source_dir, source="mlx_sora.save_model", overwrite=overwrite,
     )

@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError
 from .loading import load_model, parse_dtype, read_converted_config
 from .models import family_for_type
 from .memory import PhaseReport, measure_phase
+from .models.units import run_units
 from .sampling import (
     IMG_FPS,
     DynamicLeap,
@@ -166,14 +167,7 @@ class Pipeline:
 
     def _model(self, component: str) -> nn.Module:
         if component not in self._loaded:
-            if component == "text_encoder":
-                # T5 casts each layer's weights to its compute dtype on the fly: bf16-stored XXL
-                # weights then never exist as a full fp32 copy (19 GB).
-                model = load_model(self.components[component])
-                model.compute_dtype = self.dtype
-            else:
-                model = load_model(self.components[component], dtype=self.dtype)
-            self._loaded[component] = model
+            self._loaded[component] = load_model(self.components[component], dtype=self.dtype)
         return self._loaded[component]
 
     def _release(self, component: str) -> None:
@@ -194,15 +188,10 @@ class Pipeline:
                     f"(truncated like the reference): {prompt[:60]!r}...", stacklevel=3
                 )
         encoder = self._model("text_encoder")
-        input_ids, mask = mx.array(tokens.input_ids), mx.array(tokens.attention_mask)
-        x = encoder.embed(input_ids)
-        bias = encoder.attention_bias(x.shape[1], mask)
-        for block in tqdm(encoder.blocks, desc="text encoding", disable=not progress, leave=False):
-            x = block(x, bias)
-            mx.eval(x)
-        y = encoder.final_norm(x)
-        mx.eval(y)
-        return y[:, None], mask
+        inputs = encoder.check_inputs(tokens.input_ids, tokens.attention_mask)
+        with tqdm(total=len(encoder.units), desc="text encoding", disable=not progress, leave=False) as bar:
+            y = run_units(encoder.units, inputs, evaluate=True, on_unit=lambda _: bar.update())
+        return y[:, None], inputs[1]
 
     def generate(
         self,
@@ -276,14 +265,9 @@ class Pipeline:
                                        use_discrete_timesteps=config.use_discrete_timesteps)
 
         def denoise(z_in: mx.array, t_in: mx.array, merge: bool) -> mx.array:
-            # unit by unit with an eval after each: small graphs (and, on Metal, short command
-            # buffers that stay clear of the GPU watchdog)
-            x, state = model.prepare(z_in.astype(self.dtype), t_in, y_in, mask=text_mask, fps=fps_cond,
-                                     height=cond[0], width=cond[1], merge=merge)
-            for unit in model.blocks:
-                x = unit(x, state)
-                mx.eval(x)
-            return model.finalize(x, state)
+            inputs = dict(x=z_in.astype(self.dtype), timestep=t_in, y=y_in, mask=text_mask, fps=fps_cond,
+                          height=cond[0], width=cond[1], merge=merge)
+            return run_units(model.units, inputs, evaluate=True)
 
         bar = tqdm(total=config.num_steps, desc=f"denoising (seed {result.seed})", disable=not progress, leave=False)
         for z, info in iterate_sampling(denoise, z, timesteps, config, result.sampling):

@@ -25,6 +25,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
+from mlx_sora.models.units import run_units
 from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
 
 VAE_SPATIAL = 8  # pixels per latent pixel
@@ -42,13 +43,7 @@ def max_rss_gb() -> float:
 def forward_unit_by_unit(model: STDiT3, inputs: dict, merge: bool) -> tuple[mx.array, float, float]:
     """One forward pass; returns (output, wall seconds, CPU seconds of all threads)."""
     start, cpu_start = time.perf_counter(), time.process_time()
-    x, state = model.prepare(**inputs, merge=merge)
-    mx.eval(x, *state.arrays())
-    for unit in model.blocks:
-        x = unit(x, state)
-        mx.eval(x)
-    out = model.finalize(x, state)
-    mx.eval(out)
+    out = run_units(model.units, dict(inputs, merge=merge), evaluate=True)
     return out, time.perf_counter() - start, time.process_time() - cpu_start
 
 
@@ -90,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     dtype = getattr(mx, args.dtype)
     config = STDiT3Config(depth=args.depth)
-    model = STDiT3(config)
+    model = STDiT3(config, compute_dtype=dtype)
     model.set_dtype(dtype)
     model.eval()
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def main() -> None:
 
     dtype = getattr(mx, args.dtype)
     mx.random.seed(0)
-    vae = OpenSoraVAE(VideoAutoencoderConfig())  # released architecture, random init (lazy)
+    vae = OpenSoraVAE(VideoAutoencoderConfig(), compute_dtype=dtype)  # released architecture, random init (lazy)
     vae.set_dtype(dtype)
     weights = decoder_parameters(vae)
     mx.eval(weights)

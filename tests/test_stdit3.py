@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten
 
 import mlx_sora
 from mlx_sora.checkpoint import CheckpointError, CheckpointFolder
-from mlx_sora.models.stdit3 import STDiT3, STDiT3Config, unit_of
+from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
+from mlx_sora.models.units import run_units, unit_for_key
 from mlx_sora.models.stdit3_layers import merge_frames, position_embedding_2d, rope_inv_freq, unmerge_frames
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora12"
@@ -81,9 +82,13 @@ def test_converted_folder_layout(converted, model):
     keys = [k for k, _ in tree_flatten(model.parameters())]
     # reference state-dict names; rope.freqs is recomputed, so it is the only checkpoint key dropped
     assert set(CheckpointFolder(CHECKPOINT).keys()) - set(keys) == {"rope.freqs"}
-    assert {unit_of(k) for k in keys} == set(config["mlx_sora"]["units"])
-    assert unit_of("spatial_blocks.27.attn.qkv.weight") == unit_of("temporal_blocks.27.mlp.fc2.bias") == "block_27"
-    assert unit_of("y_embedder.y_embedding") == "embedders"
+    assert [u.name for u in model.units] == config["mlx_sora"]["units"]
+    weight_map = json.loads((converted / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {k: f"{unit_for_key(model.units, k).name}.safetensors" for k in keys} == weight_map
+    xl = STDiT3(STDiT3Config())
+    assert unit_for_key(xl.units, "spatial_blocks.27.attn.qkv.weight") is unit_for_key(
+        xl.units, "temporal_blocks.27.mlp.fc2.bias") is xl.units[28]
+    assert unit_for_key(xl.units, "y_embedder.y_embedding").name == "embedders"
 
 
 def test_rope_freqs_in_checkpoint_equal_the_mlx_rope(model):
@@ -166,10 +171,10 @@ def test_intermediates(model, io):
     assert_close(state.t, ref["t"], "t")
     assert_close(state.t_mlp, ref["t_block.out"], "t_block")
     assert_close(state.y, ref["y_embedder.out"], "y_embedder")
-    for i, unit in enumerate(model.blocks):
-        x = unit.spatial(x, state.y, state.t_mlp, state.key_mask)
+    for i, (spatial, temporal) in enumerate(zip(model.spatial_blocks, model.temporal_blocks)):
+        x = spatial(x, state.y, state.t_mlp, state.key_mask)
         assert_close(x, ref[f"spatial_blocks.{i}.out"], f"spatial_blocks.{i}")
-        x = unit.temporal(x, state.y, state.t_mlp, state.key_mask)
+        x = temporal(x, state.y, state.t_mlp, state.key_mask)
         assert_close(x, ref[f"temporal_blocks.{i}.out"], f"temporal_blocks.{i}")
     assert_close(model.final_layer(x, state.t), ref["final_layer.out"], "final_layer")
 
@@ -194,22 +199,21 @@ def test_cfg_null_caption_and_mask_repeat(model, io):
 
 def test_unit_by_unit_with_per_unit_weights(converted, model, io):
     """The chain a streamer runs: each unit's weights come from its own file, loaded just before it."""
-    from mlx_sora.loading import load_unit_weights, read_converted_config
+    from mlx_sora.loading import load_weight_files, read_converted_config
 
     fresh = STDiT3(STDiT3Config.from_dict(read_converted_config(converted)))
 
-    def bind(unit: str) -> None:
-        fresh.load_weights(list(load_unit_weights(converted, unit).items()), strict=False)
+    class BindFromFile:
+        def acquire(self, unit, upcoming):
+            fresh.load_weights(list(load_weight_files(converted, [f"{unit.name}.safetensors"]).items()), strict=False)
 
-    bind("embedders")
-    x, state = fresh.prepare(io["plain.x"], io["plain.timestep"], io["plain.y"], mask=io["plain.mask"],
-                             x_mask=io["xmask.x_mask"], fps=io["plain.fps"], height=io["plain.height"],
-                             width=io["plain.width"], merge=True)
-    for i, unit in enumerate(fresh.blocks):
-        bind(f"block_{i:02d}")
-        x = unit(x, state)
-    bind("final_layer")
-    out = fresh.finalize(x, state)
+        def release(self, unit):
+            pass
+
+    inputs = dict(x=io["plain.x"], timestep=io["plain.timestep"], y=io["plain.y"], mask=io["plain.mask"],
+                  x_mask=io["xmask.x_mask"], fps=io["plain.fps"], height=io["plain.height"],
+                  width=io["plain.width"], merge=True)
+    out = run_units(fresh.units, inputs, BindFromFile(), evaluate=True)
     np.testing.assert_array_equal(_np(out), _np(_call(model, io, "xmask", merge=True)))
 
 
@@ -252,7 +256,7 @@ def test_bf16_outputs(tmp_path_factory, io, meta, case):
     """
     folder = tmp_path_factory.mktemp("stdit3_bf16") / "bf16"
     bf16 = mlx_sora.load_model(mlx_sora.convert(CHECKPOINT, folder, dtype="bfloat16"))
-    assert bf16.dtype == mx.bfloat16
+    assert bf16.compute_dtype == mx.bfloat16
     out = _call(bf16, io, case)
     assert out.dtype == mx.bfloat16
     out = _np(out)

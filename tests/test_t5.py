@@ -19,7 +19,8 @@ from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 import mlx_sora
 from mlx_sora.checkpoint import CheckpointError
-from mlx_sora.models.t5 import T5Config, T5Encoder, load_t5_encoder, relative_position_bucket
+from mlx_sora.models.t5 import T5Config, T5Encoder, relative_position_bucket
+from mlx_sora.models.units import arrays_of
 from mlx_sora.tokenizer import T5Tokenizer
 
 SEQ_LEN = 40
@@ -188,6 +189,7 @@ def test_xxl_parameter_count_without_allocating():
     assert count == 4_762_310_656  # encoder + shared embedding of DeepFloyd/t5-v1_1-xxl
     assert mx.get_active_memory() - before < 100 * 2**20  # nothing was evaluated
     assert len(model.blocks) == 24
+    assert [u.name for u in model.units] == ["embed", *(f"block_{i:02d}" for i in range(24)), "final_norm"]
 
 
 # ---------------------------------------------------------------- parity with transformers
@@ -228,16 +230,17 @@ def test_padding_does_not_change_valid_tokens():
     assert rel_err(no_mask, reference(ref_model, ids, np.ones_like(mask))) <= 1e-5
 
 
-def test_streamable_parts_equal_the_whole():
+def test_units_one_by_one_equal_the_whole():
     model = encoder_from(randomize(transformers.T5EncoderModel(hf_config()), seed=6))
     ids, mask = inputs(140, seed=7)
-    x = model.embed(mx.array(ids))
-    bias = model.attention_bias(SEQ_LEN, mx.array(mask))
-    assert bias.shape == (3, 4, SEQ_LEN, SEQ_LEN)
+    carry = model.check_inputs(ids, mask)
+    for unit in model.units:
+        carry = unit(carry)
+        mx.eval(arrays_of(carry))
+        if unit.name == "embed":
+            assert carry[1].shape == (3, 4, SEQ_LEN, SEQ_LEN)
     assert model.attention_bias(SEQ_LEN).shape == (1, 4, SEQ_LEN, SEQ_LEN)
-    for block in model.blocks:
-        x = block(x, bias)
-    np.testing.assert_array_equal(np.array(model.final_norm(x)), np.array(model(ids, mask)))
+    np.testing.assert_array_equal(np.array(carry), np.array(model(ids, mask)))
 
 
 def test_bfloat16_storage_with_float32_compute():
@@ -267,6 +270,7 @@ def test_bfloat16_compute_tolerance():
     ref16 = reference(bf16_model, ids, mask)
     model = encoder_from(bf16_model)
     model.update(tree_map(lambda p: p.astype(mx.bfloat16), model.parameters()))
+    model.compute_dtype = mx.bfloat16
     out = model(ids, mask)
     assert out.dtype == mx.bfloat16
     out = np.array(out.astype(mx.float32))
@@ -336,10 +340,10 @@ def test_convert_and_load_match_transformers(tmp_path, seq2seq, spiece, layout):
 def test_bfloat16_conversion_and_float32_compute(tmp_path, seq2seq, spiece):
     hf_dir = save_checkpoint(seq2seq, tmp_path / "hf", spiece)
     out = mlx_sora.convert(hf_dir, tmp_path / "mlx", dtype="bfloat16")
-    stored = load_t5_encoder(out)
-    assert stored.embed_tokens.weight.dtype == mx.bfloat16 and stored.dtype == mx.bfloat16
-    model = load_t5_encoder(out, compute_dtype="float32")
-    assert model.blocks[0].attention.q.weight.dtype == mx.bfloat16  # no float32 copy of the weights
+    stored = mlx_sora.load_model(out)
+    assert stored.embed_tokens.weight.dtype == mx.bfloat16 and stored.compute_dtype == mx.bfloat16
+    model = mlx_sora.load_model(out, dtype="float32")
+    assert model.blocks[0].attention.q.weight.dtype == mx.float32 and model.compute_dtype == mx.float32
     ref_model = transformers.T5EncoderModel.from_pretrained(hf_dir).to(torch.bfloat16).to(torch.float32)
     ids, mask = inputs(140, seed=15)
     assert rel_err(np.array(model(ids, mask)), reference(ref_model, ids, mask)) <= 1e-5

@@ -169,9 +169,14 @@ def test_bad_input_is_rejected(vae, decode_io):
 def test_converted_folder_layout(converted, tmp_path):
     config = read_converted_config(converted)
     assert config["model_type"] == "vae"
-    assert sorted(config["mlx_sora"]["units"]) == [
-        "latent_stats", "spatial_decoder", "spatial_encoder", "temporal_decoder", "temporal_encoder"
+    assert config["mlx_sora"]["units"] == [
+        "latent_stats", "temporal_decoder_in", "temporal_decoder_up_3", "temporal_decoder_up_2",
+        "temporal_decoder_up_1", "temporal_decoder_up_0", "temporal_decoder_out", "spatial_decoder_in",
+        "spatial_decoder_up_0", "spatial_decoder_up_1", "spatial_decoder_up_2", "spatial_decoder_up_3",
+        "spatial_decoder_out", "spatial_encoder", "temporal_encoder",
     ]
+    vae = mlx_sora.load_model(converted)
+    assert [u.name for u in vae.temporal_decoder_units + vae.spatial_decoder_units] == config["mlx_sora"]["units"][:13]
     assert config["spatial_scaling_factor"] == 0.18215 and config["micro_frame_size"] == 17
     assert config["micro_batch_size"] == 4 and config["spatial_vae"]["block_out_channels"] == [8, 8, 16, 16]
     bf16 = mlx_sora.convert(CHECKPOINT, tmp_path / "bf16", dtype="bfloat16")

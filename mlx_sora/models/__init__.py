@@ -2,8 +2,8 @@
 
 Each model module (t5, stdit3, vae) describes itself with one ``ModelFamily``: how to recognise its
 Hugging Face checkpoint, how to turn the HF config into its own config, how HF keys map to MLX keys,
-how the weights are split into units (one safetensors file each, so a block loads alone), and how to
-build the MLX module.
+and how to build the MLX module. How the weights are split into units (one safetensors file each, so
+a block loads alone) is not described here: it follows from the built model's ``units``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ class ModelFamily:
     """HF config.json (+ checkpoint, for inferred sizes) -> this family's config dict."""
     rename: Callable[[str, dict], "str | None"]
     """HF key -> MLX parameter key, or None to drop the tensor. Gets the family config."""
-    unit_of: Callable[[str], str]
-    """MLX parameter key -> name of the unit (weights file) that holds it."""
     build: Callable[[dict], nn.Module]
     """Family config dict -> MLX module (parameters are lazy until evaluated)."""
     transform: Callable[[str, mx.array], mx.array] = identity_transform

@@ -1,15 +1,14 @@
 """STDiT3 (Open-Sora 1.2 diffusion transformer, ``hpcai-tech/OpenSora-STDiT-v3``) in MLX.
 
 Reproduces ``opensora/models/stdit/stdit3.py`` (hpcaitech/Open-Sora @ 8d132d7) weight for weight;
-the layers live in ``stdit3_layers.py``. The model is a chain of uniform units so that a streamer can
-run (and load) one unit at a time::
+the layers live in ``stdit3_layers.py``. The model is a chain of units (``mlx_sora.models.units``) so
+that a streamer can load and run one unit at a time::
 
-    x, state = model.prepare(x, timestep, y, mask, x_mask, fps, height, width, merge)  # "embedders"
-    for unit in model.blocks:          # "block_00" .. "block_27": spatial_blocks[i] + temporal_blocks[i]
-        x = unit(x, state)
-    out = model.finalize(x, state)     # "final_layer"
+    "embedders"    inputs (the keyword arguments of ``prepare``) -> (tokens, state)
+    "block_00" ..  (tokens, state) -> (tokens, state): spatial_blocks[i] then temporal_blocks[i]
+    "final_layer"  (tokens, state) -> velocity (+ sigma) [B, out_channels, T, H, W]
 
-``model(...)`` chains exactly these. ``merge=True`` turns on TDTM (On-device Sora) in every block.
+``model(...)`` runs exactly that chain. ``merge=True`` turns on TDTM (On-device Sora) in every block.
 
 Deviations from the reference (all documented where they happen): the output stays in the compute
 dtype (the reference casts it to float32); RoPE angles are float32 even for bf16 weights; fps,
@@ -22,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
@@ -30,6 +30,7 @@ import numpy as np
 
 from ..checkpoint import CheckpointError
 from . import ModelFamily, register_family
+from .units import Unit, attach_units, run_units
 from .stdit3_layers import (
     CaptionEmbedder,
     PatchEmbed3D,
@@ -130,18 +131,7 @@ class STDiT3State:
         return [a for a in (self.t, self.t_mlp, self.y, self.key_mask, self.x_mask, self.t0, self.t0_mlp) if a is not None]
 
 
-class STDiT3Unit:
-    """Unit i of the block chain: ``spatial_blocks[i]`` then ``temporal_blocks[i]`` (not a Module, so
-    the parameters keep the reference's names)."""
-
-    def __init__(self, spatial: STDiT3Block, temporal: STDiT3Block):
-        self.spatial = spatial
-        self.temporal = temporal
-
-    def __call__(self, x: mx.array, state: STDiT3State) -> mx.array:
-        for block in (self.spatial, self.temporal):
-            x = block(x, state.y, state.t_mlp, state.key_mask, state.x_mask, state.t0_mlp, state.merge)
-        return x
+_EMBEDDERS = ("x_embedder", "t_embedder", "fps_embedder", "t_block", "y_embedder")
 
 
 def _as_array(value: Any, name: str) -> mx.array:
@@ -161,9 +151,10 @@ def _repeat_rows(arr: mx.array, batch: int, name: str) -> mx.array:
 
 
 class STDiT3(nn.Module):
-    def __init__(self, config: STDiT3Config):
+    def __init__(self, config: STDiT3Config, compute_dtype: mx.Dtype = mx.float32):
         super().__init__()
         self.config = config
+        self.compute_dtype = compute_dtype
         c = config
         self.x_embedder = PatchEmbed3D(c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
@@ -174,15 +165,19 @@ class STDiT3(nn.Module):
         self.spatial_blocks = [STDiT3Block(*block_args, temporal=False) for _ in range(c.depth)]
         self.temporal_blocks = [STDiT3Block(*block_args, temporal=True) for _ in range(c.depth)]
         self.final_layer = T2IFinalLayer(c.hidden_size, math.prod(c.patch_size), c.out_channels)
+        attach_units(self, [
+            Unit("embedders", _EMBEDDERS, lambda inputs: self.prepare(**inputs)),
+            *(Unit(f"block_{i:02d}", (f"spatial_blocks.{i}", f"temporal_blocks.{i}"), partial(self._run_block, i))
+              for i in range(c.depth)),
+            Unit("final_layer", ("final_layer",), lambda carry: self.finalize(*carry)),
+        ])
 
-    @property
-    def dtype(self) -> mx.Dtype:
-        """Compute dtype = dtype of the loaded weights."""
-        return self.x_embedder.proj.weight.dtype
-
-    @property
-    def blocks(self) -> tuple[STDiT3Unit, ...]:
-        return tuple(STDiT3Unit(s, t) for s, t in zip(self.spatial_blocks, self.temporal_blocks))
+    def _run_block(self, index: int, carry: tuple[mx.array, STDiT3State]) -> tuple[mx.array, STDiT3State]:
+        """Unit ``block_{index}``: ``spatial_blocks[index]`` then ``temporal_blocks[index]``."""
+        x, state = carry
+        for block in (self.spatial_blocks[index], self.temporal_blocks[index]):
+            x = block(x, state.y, state.t_mlp, state.key_mask, state.x_mask, state.t0_mlp, state.merge)
+        return x, state
 
     def null_caption(self, batch: int) -> mx.array:
         """The classifier-free-guidance null caption [batch, 1, L, C_caption] (``y_embedding``)."""
@@ -208,7 +203,7 @@ class STDiT3(nn.Module):
     ) -> tuple[mx.array, STDiT3State]:
         """The "embedders" unit: tokens [B, T, S, C] (pos-embedded) and the state every unit reads."""
         c = self.config
-        dtype = self.dtype
+        dtype = self.compute_dtype
         if x.ndim != 5 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must be [B, {c.in_channels}, T, H, W] latents, got shape {tuple(x.shape)}")
         batch, _, tx, hx, wx = x.shape
@@ -303,27 +298,12 @@ class STDiT3(nn.Module):
         with B' = B or B/2 (repeated, so a CFG null half uses the conditional lengths); x_mask
         [B, T] bool; fps/height/width [B'] (height[0], width[0] set the position-embedding scale).
         """
-        h, state = self.prepare(x, timestep, y, mask, x_mask, fps, height, width, merge)
-        for unit in self.blocks:
-            h = unit(h, state)
-        return self.finalize(h, state)
+        inputs = dict(x=x, timestep=timestep, y=y, mask=mask, x_mask=x_mask, fps=fps, height=height,
+                      width=width, merge=merge)
+        return run_units(self.units, inputs)
 
 
 # ------------------------------------------------------------------------------ conversion
-
-_EMBEDDER_PREFIXES = ("x_embedder.", "t_embedder.", "fps_embedder.", "t_block.", "y_embedder.")
-
-
-def unit_of(mlx_key: str) -> str:
-    if mlx_key.startswith(_EMBEDDER_PREFIXES):
-        return "embedders"
-    if mlx_key.startswith("final_layer."):
-        return "final_layer"
-    for prefix in ("spatial_blocks.", "temporal_blocks."):
-        if mlx_key.startswith(prefix):
-            return f"block_{int(mlx_key[len(prefix):].split('.')[0]):02d}"
-    raise ValueError(f"{mlx_key!r} is not an STDiT3 parameter")
-
 
 def _matches(hf_config: dict, checkpoint: "CheckpointFolder | None") -> bool:
     return hf_config.get("model_type") == "STDiT3" or "STDiT3" in (hf_config.get("architectures") or [])
@@ -364,7 +344,6 @@ FAMILY = register_family(
         matches=_matches,
         config_from_hf=_config_from_hf,
         rename=_rename,
-        unit_of=unit_of,
         build=_build,
         transform=_transform,
         hf_allow_patterns=("config.json", "*.safetensors"),

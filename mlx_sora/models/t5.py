@@ -12,27 +12,20 @@ Reproduces ``transformers.T5EncoderModel`` (``models/t5/modeling_t5.py``) at inf
   T5), and the other ``[gated-]{relu,gelu,gelu_new,silu}`` forms transformers accepts.
 * A final RMSNorm. Dropout is the identity at inference and is left out.
 
-The encoder is a list of uniform blocks, ``blocks[i](x, bias) -> x``, with the bias (position bias +
-key padding mask) computed once by ``attention_bias``; embedding, blocks and final norm are separately
-addressable so that a streamer can run the blocks one at a time:
+The encoder is a chain of units (``mlx_sora.models.units``), so that a streamer can load and run
+one block at a time: ``embed`` (token embedding and the bias every block adds: relative position bias
++ key padding mask, computed once), ``block_00`` .. ``block_NN``, ``final_norm``.
+``model(input_ids, mask)`` runs exactly that chain.
 
-    x = model.embed(input_ids)                          # [B, L, d_model], compute dtype
-    bias = model.attention_bias(L, attention_mask)      # [B, heads, L, L] (or [1, ...] without mask)
-    for block in model.blocks: x = block(x, bias)
-    y = model.final_norm(x)                             # == model(input_ids, attention_mask)
-
-Weights may be stored in float32, float16 or bfloat16; the compute dtype is separate
-(``model.compute_dtype``; None = the embedding's dtype). Every layer computes in the dtype of its
-input, casting its weights on the fly, so bfloat16 weights can run in float32 (the fast path on CPU)
-without a float32 copy of the model.
+Weights may be stored in float32, float16 or bfloat16; ``model.compute_dtype`` (set at load) is the
+dtype activations are computed in, and the loader casts each unit's weights to it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
-from pathlib import Path
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import mlx.core as mx
@@ -41,6 +34,7 @@ import numpy as np
 
 from ..checkpoint import CheckpointError
 from . import ModelFamily, register_family
+from .units import Unit, attach_units, run_units
 
 if TYPE_CHECKING:
     from ..checkpoint import CheckpointFolder
@@ -248,9 +242,13 @@ class T5Block(nn.Module):
 
 
 class T5Encoder(nn.Module):
-    """``transformers.T5EncoderModel`` at inference: ``(input_ids, attention_mask) -> [B, L, d_model]``."""
+    """``transformers.T5EncoderModel`` at inference: ``(input_ids, attention_mask) -> [B, L, d_model]``.
 
-    def __init__(self, config: T5Config, compute_dtype: mx.Dtype | None = None):
+    Units: ``embed`` (token embedding + position-bias table: ``(input_ids, mask) -> (x, bias)``),
+    ``block_00`` .. (``(x, bias) -> (x, bias)``), ``final_norm`` (``(x, bias) -> y``).
+    """
+
+    def __init__(self, config: T5Config, compute_dtype: mx.Dtype = mx.float32):
         super().__init__()
         self.config = config
         self.compute_dtype = compute_dtype
@@ -259,15 +257,15 @@ class T5Encoder(nn.Module):
         self.relative_attention_bias = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
         self.blocks = [T5Block(config) for _ in range(config.num_layers)]
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
-
-    @property
-    def dtype(self) -> mx.Dtype:
-        """The dtype activations are computed in."""
-        return self.compute_dtype or self.embed_tokens.weight.dtype
+        attach_units(self, [
+            Unit("embed", ("embed_tokens", "relative_attention_bias"), self._run_embed),
+            *(Unit(f"block_{i:02d}", (f"blocks.{i}",), partial(self._run_block, i)) for i in range(config.num_layers)),
+            Unit("final_norm", ("final_norm",), self._run_final_norm),
+        ])
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """Token ids [B, L] -> embeddings [B, L, d_model] in the compute dtype (no scaling in T5)."""
-        return self.embed_tokens(input_ids).astype(self.dtype)
+        return self.embed_tokens(input_ids).astype(self.compute_dtype)
 
     def attention_bias(self, seq_len: int, attention_mask: mx.array | np.ndarray | None = None) -> mx.array:
         """Position bias + key padding mask, the additive attention mask every block uses.
@@ -275,27 +273,34 @@ class T5Encoder(nn.Module):
         Returns [1, heads, L, L] without a mask, else [B, heads, L, L] where keys with mask 0 hold the
         compute dtype's minimum.
         """
-        cfg = self.config
+        cfg, dtype = self.config, self.compute_dtype
         buckets = mx.array(_bucket_table(seq_len, cfg.relative_attention_num_buckets,
                                          cfg.relative_attention_max_distance))
-        bias = self.relative_attention_bias(buckets).transpose(2, 0, 1)[None].astype(self.dtype)
+        bias = self.relative_attention_bias(buckets).transpose(2, 0, 1)[None].astype(dtype)
         if attention_mask is None:
             return bias
         if attention_mask.ndim != 2 or attention_mask.shape[1] != seq_len:
             raise ValueError(f"attention_mask must be [batch, {seq_len}], got {tuple(attention_mask.shape)}")
         keep = mx.array(attention_mask).astype(mx.bool_)[:, None, None, :]
-        return mx.where(keep, bias, mx.array(mx.finfo(self.dtype).min, self.dtype))
+        return mx.where(keep, bias, mx.array(mx.finfo(dtype).min, dtype))
+
+    def _run_embed(self, inputs: tuple[mx.array, mx.array | None]) -> tuple[mx.array, mx.array]:
+        input_ids, attention_mask = inputs
+        return self.embed(input_ids), self.attention_bias(input_ids.shape[1], attention_mask)
+
+    def _run_block(self, index: int, carry: tuple[mx.array, mx.array]) -> tuple[mx.array, mx.array]:
+        x, bias = carry
+        return self.blocks[index](x, bias), bias
+
+    def _run_final_norm(self, carry: tuple[mx.array, mx.array]) -> mx.array:
+        return self.final_norm(carry[0])
 
     def __call__(self, input_ids: mx.array | np.ndarray,
                  attention_mask: mx.array | np.ndarray | None = None) -> mx.array:
-        input_ids = self._check_inputs(input_ids, attention_mask)
-        x = self.embed(input_ids)
-        bias = self.attention_bias(input_ids.shape[1], attention_mask)
-        for block in self.blocks:
-            x = block(x, bias)
-        return self.final_norm(x)
+        return run_units(self.units, self.check_inputs(input_ids, attention_mask))
 
-    def _check_inputs(self, input_ids, attention_mask) -> mx.array:
+    def check_inputs(self, input_ids, attention_mask) -> tuple[mx.array, mx.array | None]:
+        """Validated ``(input_ids, attention_mask)``: the carry the ``embed`` unit takes."""
         input_ids = mx.array(input_ids)
         if input_ids.ndim != 2 or not mx.issubdtype(input_ids.dtype, mx.integer):
             raise ValueError(f"input_ids must be an integer array [batch, length], got {input_ids.dtype} "
@@ -303,23 +308,12 @@ class T5Encoder(nn.Module):
         if input_ids.size and (input_ids.min().item() < 0 or input_ids.max().item() >= self.config.vocab_size):
             raise ValueError(f"input_ids must lie in [0, {self.config.vocab_size}); is the tokenizer the "
                              "one shipped with these weights?")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        return input_ids
-
-
-def load_t5_encoder(folder: str | Path, dtype: str | mx.Dtype | None = None,
-                    compute_dtype: str | mx.Dtype | None = None, lazy: bool = False) -> T5Encoder:
-    """Load a converted T5 folder: weights cast to ``dtype`` (default: as stored), activations in
-    ``compute_dtype`` (default: the weights' dtype; float32 is the fast path on CPU)."""
-    from ..loading import load_model, parse_dtype
-
-    model = load_model(folder, dtype=dtype, lazy=lazy)
-    if not isinstance(model, T5Encoder):
-        raise CheckpointError(f"{folder} holds a {type(model).__name__}, not a T5 encoder")
-    model.compute_dtype = parse_dtype(compute_dtype)
-    return model
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            attention_mask = mx.array(attention_mask)
+        return input_ids, attention_mask
 
 
 # ---------------------------------------------------------------- conversion from Hugging Face
@@ -374,15 +368,6 @@ def _rename(hf_key: str, config: dict) -> str | None:
     return f"<unknown T5 weight {hf_key}>"  # reported as unexpected by the key check
 
 
-def unit_of(mlx_key: str) -> str:
-    """embed_tokens / relative_attention_bias -> "embed"; blocks.i -> "block_ii"; "final_norm"."""
-    if mlx_key.startswith("blocks."):
-        return f"block_{int(mlx_key.split('.')[1]):02d}"
-    if mlx_key.startswith("final_norm."):
-        return "final_norm"
-    return "embed"
-
-
 def _build(config: dict) -> T5Encoder:
     return T5Encoder(T5Config.from_dict(config))
 
@@ -393,7 +378,6 @@ FAMILY = register_family(
         matches=_matches,
         config_from_hf=_config_from_hf,
         rename=_rename,
-        unit_of=unit_of,
         build=_build,
         hf_allow_patterns=(
             "config.json",

@@ -22,12 +22,14 @@ kwargs) are read as written.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import ModelFamily, register_family
+from .units import Unit, WeightPolicy, attach_units, run_units
 from .vae_spatial import KNOWN_SPATIAL_VAES, AutoencoderKL, AutoencoderKLConfig
 from .vae_temporal import VAE_TEMPORAL_SD_CONFIG, VAE_Temporal, VAETemporalConfig
 
@@ -98,7 +100,7 @@ class OpenSoraVAE(nn.Module):
     diffusers' tile_overlap_factor).
     """
 
-    def __init__(self, config: VideoAutoencoderConfig | dict[str, Any]):
+    def __init__(self, config: VideoAutoencoderConfig | dict[str, Any], compute_dtype: mx.Dtype = mx.float32):
         super().__init__()
         if isinstance(config, dict):
             config = VideoAutoencoderConfig.from_dict(config)
@@ -112,6 +114,52 @@ class OpenSoraVAE(nn.Module):
         self.tiling = False
         self.tile_size = 32
         self.tile_overlap = 8
+        self.compute_dtype = compute_dtype
+        self._attach_units()
+
+    def _attach_units(self) -> None:
+        """Units: the decoders in stages (each stage's weights + activations stay bounded) and one
+        unit per encoder. Chains: ``temporal_decoder_units`` ((z_chunk, num_frames) -> spatial
+        latents) and ``spatial_decoder_units`` (spatial latents / scaling factor -> frames)."""
+        temporal, spatial = self.temporal_vae, self.spatial_vae
+        t_dec, s_dec = temporal.decoder, spatial.decoder
+        t_levels = list(reversed(range(len(t_dec.block_res_blocks))))
+        s_levels = list(range(len(s_dec.up_blocks)))
+        units = [
+            Unit("latent_stats", ("scale", "shift"), self._denormalize),
+            Unit("temporal_decoder_in",
+                 ("temporal_vae.post_quant_conv", "temporal_vae.decoder.conv1", "temporal_vae.decoder.res_blocks"),
+                 lambda c: (t_dec.stage_in(temporal.post_quant_conv(c[0])), c[1])),
+            *(Unit(f"temporal_decoder_up_{level}",
+                   (f"temporal_vae.decoder.block_res_blocks.{level}",)
+                   + ((f"temporal_vae.decoder.conv_blocks.{level - 1}",) if level > 0 else ()),
+                   partial(lambda level, c: (t_dec.stage_up(level, c[0]), c[1]), level))
+              for level in t_levels),
+            Unit("temporal_decoder_out", ("temporal_vae.decoder.norm1", "temporal_vae.decoder.conv_out"),
+                 lambda c: t_dec.stage_out(c[0])[:, temporal.time_padding(c[1]) :]),
+            Unit("spatial_decoder_in",
+                 ("spatial_vae.post_quant_conv", "spatial_vae.decoder.conv_in", "spatial_vae.decoder.mid_block"),
+                 lambda z: s_dec.stage_in(spatial.post_quant_conv(z) if "post_quant_conv" in spatial else z)),
+            *(Unit(f"spatial_decoder_up_{i}", (f"spatial_vae.decoder.up_blocks.{i}",), partial(s_dec.stage_up, i))
+              for i in s_levels),
+            Unit("spatial_decoder_out", ("spatial_vae.decoder.conv_norm_out", "spatial_vae.decoder.conv_out"),
+                 s_dec.stage_out),
+            Unit("spatial_encoder", ("spatial_vae.encoder", "spatial_vae.quant_conv"), spatial.encode),
+            Unit("temporal_encoder", ("temporal_vae.encoder", "temporal_vae.quant_conv"), temporal.encode),
+        ]
+        attach_units(
+            self, units,
+            temporal_decoder_units=["latent_stats", "temporal_decoder_in",
+                                    *(f"temporal_decoder_up_{level}" for level in t_levels), "temporal_decoder_out"],
+            spatial_decoder_units=["spatial_decoder_in", *(f"spatial_decoder_up_{i}" for i in s_levels),
+                                   "spatial_decoder_out"],
+        )
+
+    def _denormalize(self, carry: tuple[mx.array, int]) -> tuple[mx.array, int]:
+        """Unit ``latent_stats``: normalised latent chunk -> temporal-VAE latent (``z * scale + shift``)."""
+        z, num_frames = carry
+        dtype = self.compute_dtype
+        return z * self.scale.astype(dtype) + self.shift.astype(dtype), num_frames
 
     def set_tiling(self, enabled: bool = True, tile_size: int = 32, overlap: int = 8) -> None:
         """Spatial tiling of the decoder: tiles of ``tile_size`` latent pixels (8x that in the image),
@@ -166,10 +214,6 @@ class OpenSoraVAE(nn.Module):
         full, rest = divmod(latent_frames, self.micro_z_frame_size)
         return full * self.micro_frame_size + rest * factor
 
-    @property
-    def dtype(self) -> mx.Dtype:
-        return self.spatial_vae.post_quant_conv.weight.dtype if "post_quant_conv" in self.spatial_vae else mx.float32
-
     # ------------------------------------------------------------------ decoding
 
     def _check_latent(self, z: mx.array) -> None:
@@ -191,28 +235,35 @@ class OpenSoraVAE(nn.Module):
             remaining -= self.micro_frame_size
         return chunks
 
-    def decode_spatial(self, x_z: mx.array) -> mx.array:
+    def decode_spatial(self, x_z: mx.array, weights: WeightPolicy | None = None) -> mx.array:
         """Spatial latents ``[N, h, w, 4]`` (scaled by 0.18215) -> frames ``[N, 8h, 8w, 3]``, in
         micro-batches of ``micro_batch_size`` frames, each evaluated; tiled when enabled."""
+        self.spatial_vae._check(x_z, self.config.spatial_vae.latent_channels, "decode")
+
+        def decode(latents: mx.array) -> mx.array:
+            return run_units(self.spatial_decoder_units, latents, weights, evaluate=True)
+
         n = x_z.shape[0]
         step = self.micro_batch_size or n
         outputs = []
         for i in range(0, n, step):
             latents = x_z[i : i + step] / self.config.spatial_scaling_factor
             if self.tiling:
-                frames = self.spatial_vae.tiled_decode(latents, self.tile_size, self.tile_overlap)
+                frames = self.spatial_vae.tiled_decode(latents, self.tile_size, self.tile_overlap, decode)
             else:
-                frames = self.spatial_vae.decode(latents)
+                frames = decode(latents)
             mx.eval(frames)
             outputs.append(frames)
         return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=0)
 
-    def decode_temporal(self, z: mx.array, num_frames: int | None = None) -> Iterator[mx.array]:
+    def decode_temporal(
+        self, z: mx.array, num_frames: int | None = None, weights: WeightPolicy | None = None
+    ) -> Iterator[mx.array]:
         """Stage 1 of decoding: yields the temporal decoder's output chunk by chunk (evaluated),
         spatial latents ``[B, t, h, w, 4]`` channels-last, t <= micro_frame_size. Bad input raises
         here, before the first chunk."""
         num_frames = self._checked_num_frames(z, num_frames)
-        return self._decode_temporal(z, num_frames)
+        return self._decode_temporal(z, num_frames, weights)
 
     def _checked_num_frames(self, z: mx.array, num_frames: int | None) -> int:
         self._check_latent(z)
@@ -227,18 +278,19 @@ class OpenSoraVAE(nn.Module):
             )
         return num_frames
 
-    def _decode_temporal(self, z: mx.array, num_frames: int) -> Iterator[mx.array]:
+    def _decode_temporal(self, z: mx.array, num_frames: int, weights: WeightPolicy | None) -> Iterator[mx.array]:
         latent_frames = z.shape[2]
-        dtype = self.dtype
-        z = z.astype(dtype).transpose(0, 2, 3, 4, 1)  # [B, T_lat, h, w, C]
-        z = z * self.scale.astype(dtype) + self.shift.astype(dtype)
+        z = z.astype(self.compute_dtype).transpose(0, 2, 3, 4, 1)  # [B, T_lat, h, w, C]
         for start, end, frames in self.temporal_chunks(latent_frames, num_frames):
-            x_z = self.temporal_vae.decode(z[:, start:end], num_frames=frames)
+            chunk = z[:, start:end]
+            self.temporal_vae.check_decode_input(chunk, frames)
+            x_z = run_units(self.temporal_decoder_units, (chunk, frames), weights, evaluate=True)
             mx.eval(x_z)
             yield x_z
 
     def decode_chunks(
-        self, z: mx.array, num_frames: int | None = None, channels_last: bool = False
+        self, z: mx.array, num_frames: int | None = None, channels_last: bool = False,
+        weights: WeightPolicy | None = None,
     ) -> Iterator[mx.array]:
         """Decode piece by piece: yields evaluated frame chunks in order, ``[B, 3, t, H, W]`` (or
         ``[B, t, H, W, 3]`` with ``channels_last``), t <= micro_batch_size frames. Concatenating them
@@ -247,18 +299,18 @@ class OpenSoraVAE(nn.Module):
         ``num_frames`` must map to z's latent frame count (``latent_frames``); None takes the longest
         such clip (17 per full chunk, 4 per latent frame of a partial one).
         """
-        temporal = self.decode_temporal(z, num_frames)  # validates now
-        return self._decode_spatial_pieces(temporal, z.shape[0], channels_last)
+        temporal = self.decode_temporal(z, num_frames, weights)  # validates now
+        return self._decode_spatial_pieces(temporal, z.shape[0], channels_last, weights)
 
     def _decode_spatial_pieces(
-        self, temporal: Iterator[mx.array], batch: int, channels_last: bool
+        self, temporal: Iterator[mx.array], batch: int, channels_last: bool, weights: WeightPolicy | None
     ) -> Iterator[mx.array]:
         per_call = max(1, (self.micro_batch_size or 10**9) // batch)
         for x_z in temporal:
             for f0 in range(0, x_z.shape[1], per_call):
                 part = x_z[:, f0 : f0 + per_call]
                 b, t, h, w, c = part.shape
-                video = self.decode_spatial(part.reshape(b * t, h, w, c))
+                video = self.decode_spatial(part.reshape(b * t, h, w, c), weights)
                 video = video.reshape(b, t, *video.shape[1:])
                 yield video if channels_last else video.transpose(0, 4, 1, 2, 3)
 
@@ -294,7 +346,7 @@ class OpenSoraVAE(nn.Module):
             )
         keys = [None, None] if key is None else list(mx.random.split(key, 2))
         batch, _, frames, height, width = x.shape
-        images = x.astype(self.dtype).transpose(0, 2, 3, 4, 1).reshape(batch * frames, height, width, channels)
+        images = x.astype(self.compute_dtype).transpose(0, 2, 3, 4, 1).reshape(batch * frames, height, width, channels)
         step = self.micro_batch_size or images.shape[0]
         latents = []
         for i in range(0, images.shape[0], step):
@@ -383,14 +435,6 @@ def _rename(hf_key: str, config: dict) -> str | None:
     return hf_key  # temporal_vae.*, scale, shift: same names; anything else is reported as unexpected
 
 
-def _unit_of(mlx_key: str) -> str:
-    if mlx_key in ("scale", "shift"):
-        return "latent_stats"
-    part, module = mlx_key.split(".")[:2]
-    side = "encoder" if module in ("encoder", "quant_conv") else "decoder"
-    return f"{part.split('_')[0]}_{side}"  # spatial_encoder, temporal_decoder, ...
-
-
 def _transform(mlx_key: str, value: mx.array) -> mx.array:
     if mlx_key in ("scale", "shift"):
         return value.reshape(-1)
@@ -409,7 +453,6 @@ FAMILY = register_family(
         matches=_matches,
         config_from_hf=_config_from_hf,
         rename=_rename,
-        unit_of=_unit_of,
         build=lambda config: OpenSoraVAE(VideoAutoencoderConfig.from_dict(config)),
         transform=_transform,
         keep_float32=lambda key: key in ("scale", "shift"),

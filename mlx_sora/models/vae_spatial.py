@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -342,11 +342,21 @@ class Decoder(nn.Module):
         # speed). Set False to trace the decoder (mx.compile, gradients).
         self.evaluate_layers = True
 
-    def __call__(self, z: mx.array) -> mx.array:
-        x = self.mid_block(self.conv_in(z))
-        for block in self.up_blocks:
-            x = block(x, self.evaluate_layers)
+    # The decoder in stages (the VAE's units): input stage, one stage per up block, output stage.
+    def stage_in(self, z: mx.array) -> mx.array:
+        return self.mid_block(self.conv_in(z))
+
+    def stage_up(self, index: int, x: mx.array) -> mx.array:
+        return self.up_blocks[index](x, self.evaluate_layers)
+
+    def stage_out(self, x: mx.array) -> mx.array:
         return self.conv_out(self.conv_norm_out(x, silu=True))
+
+    def __call__(self, z: mx.array) -> mx.array:
+        x = self.stage_in(z)
+        for index in range(len(self.up_blocks)):
+            x = self.stage_up(index, x)
+        return self.stage_out(x)
 
 
 def blend_weights(extent: int, dtype: mx.Dtype) -> mx.array:
@@ -407,7 +417,9 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"tile overlap {overlap} must be in [0, tile size {tile_size})")
         return list(range(0, latent_size, tile_size - overlap))
 
-    def iter_tiled_decode_rows(self, z: mx.array, tile_size: int, overlap: int) -> Iterator[mx.array]:
+    def iter_tiled_decode_rows(
+        self, z: mx.array, tile_size: int, overlap: int, decode: Callable[[mx.array], mx.array] | None = None
+    ) -> Iterator[mx.array]:
         """Tiled decode, one finished row of tiles at a time (each evaluated), as diffusers'
         ``AutoencoderKL.tiled_decode`` with tile_latent_min_size = ``tile_size`` and overlap factor
         ``overlap / tile_size``: tiles start every ``tile_size - overlap`` latent pixels, each tile is
@@ -420,7 +432,7 @@ class AutoencoderKL(nn.Module):
         for i in self.tiles(z.shape[1], tile_size, overlap):
             row: list[mx.array] = []
             for j_index, j in enumerate(self.tiles(z.shape[2], tile_size, overlap)):
-                tile = self.decode(z[:, i : i + tile_size, j : j + tile_size])
+                tile = (decode or self.decode)(z[:, i : i + tile_size, j : j + tile_size])
                 if previous_row:
                     tile = _blend(previous_row[j_index], tile, blend, axis=1)
                 if row:
@@ -430,11 +442,15 @@ class AutoencoderKL(nn.Module):
             yield mx.concatenate([t[:, :keep, :keep] for t in row], axis=2)
             previous_row = row
 
-    def tiled_decode(self, z: mx.array, tile_size: int, overlap: int) -> mx.array:
-        """Tiled decode when z is larger than one tile (diffusers' ``_decode`` guard), else ``decode``."""
+    def tiled_decode(
+        self, z: mx.array, tile_size: int, overlap: int, decode: Callable[[mx.array], mx.array] | None = None
+    ) -> mx.array:
+        """Tiled decode when z is larger than one tile (diffusers' ``_decode`` guard), else ``decode``.
+        ``decode`` replaces ``self.decode`` for each tile (e.g. the VAE's unit chain)."""
+        decode = decode or self.decode
         if max(z.shape[1:3]) <= tile_size:
-            return self.decode(z)
-        return mx.concatenate(list(self.iter_tiled_decode_rows(z, tile_size, overlap)), axis=1)
+            return decode(z)
+        return mx.concatenate(list(self.iter_tiled_decode_rows(z, tile_size, overlap, decode)), axis=1)
 
 
 def _blend(a: mx.array, b: mx.array, extent: int, axis: int) -> mx.array:

@@ -211,16 +211,29 @@ class Decoder(nn.Module):
         self.norm1 = GroupNorm(c.num_groups, prev, TORCH_GROUPNORM_EPS)
         self.conv_out = CausalConv3d(width, c.in_out_channels, 3)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    # The decoder in stages (the VAE's units): input stage, one up stage per level (deepest first),
+    # output stage.
+    def stage_in(self, x: mx.array) -> mx.array:
         x = self.conv1(x)
         for block in self.res_blocks:
             x = block(x)
-        for i in reversed(range(len(self.block_res_blocks))):
-            for block in self.block_res_blocks[i]:
-                x = block(x)
-            if i > 0:
-                x = depth_to_time(self.conv_blocks[i - 1](x), 2 if self.temporal_downsample[i - 1] else 1)
+        return x
+
+    def stage_up(self, level: int, x: mx.array) -> mx.array:
+        for block in self.block_res_blocks[level]:
+            x = block(x)
+        if level > 0:
+            x = depth_to_time(self.conv_blocks[level - 1](x), 2 if self.temporal_downsample[level - 1] else 1)
+        return x
+
+    def stage_out(self, x: mx.array) -> mx.array:
         return self.conv_out(norm_act(self.norm1, x, self.activation_fn))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.stage_in(x)
+        for level in reversed(range(len(self.block_res_blocks))):
+            x = self.stage_up(level, x)
+        return self.stage_out(x)
 
 
 class VAE_Temporal(nn.Module):  # noqa: N801 - the reference's class name
@@ -270,8 +283,7 @@ class VAE_Temporal(nn.Module):  # noqa: N801 - the reference's class name
             return mean
         return mean + mx.exp(0.5 * logvar) * mx.random.normal(mean.shape, dtype=mean.dtype, key=key)
 
-    def decode(self, z: mx.array, num_frames: int) -> mx.array:
-        """``[B, T_lat, H, W, embed_dim]`` -> ``[B, num_frames, H, W, in_out_channels]``."""
+    def check_decode_input(self, z: mx.array, num_frames: int) -> None:
         self._check(z, self.config.embed_dim, "decode")
         expected = self.get_latent_size((num_frames, None, None))[0]
         if num_frames < 1 or expected != z.shape[1]:
@@ -279,6 +291,10 @@ class VAE_Temporal(nn.Module):  # noqa: N801 - the reference's class name
                 f"VAE_Temporal.decode: {z.shape[1]} latent frames cannot decode to num_frames={num_frames} "
                 f"({num_frames} frames have {expected} latent frames)"
             )
+
+    def decode(self, z: mx.array, num_frames: int) -> mx.array:
+        """``[B, T_lat, H, W, embed_dim]`` -> ``[B, num_frames, H, W, in_out_channels]``."""
+        self.check_decode_input(z, num_frames)
         x = self.decoder(self.post_quant_conv(z))
         return x[:, self.time_padding(num_frames) :]
 
