@@ -14,6 +14,10 @@ IMAGE_SIZES: dict[str, dict[str, tuple[int, int]]] = {
     "360p": {"9:16": (360, 640), "16:9": (640, 360), "3:4": (416, 554), "4:3": (554, 416), "1:1": (480, 480)},
     "480p": {"9:16": (480, 854), "16:9": (854, 480), "3:4": (554, 738), "4:3": (740, 555), "1:1": (640, 640)},
     "720p": {"9:16": (720, 1280), "16:9": (1280, 720), "3:4": (832, 1110), "4:3": (1108, 832), "1:1": (960, 960)},
+    # The PixArt-style "256" and "512" families (ASPECT_RATIO_256 / _512 at 8d132d7) hold no entry
+    # for 9:16, 16:9, 3:4 or 4:3 (the reference asserts); 1:1 is the On-device Sora setting.
+    "256": {"1:1": (256, 256)},
+    "512": {"1:1": (512, 512)},
 }
 
 # Reference NUM_FRAMES_MAP (the "Nx" aliases included).
@@ -29,9 +33,8 @@ def image_size(resolution: str, aspect_ratio: str) -> tuple[int, int]:
         raise ValueError(f"unknown resolution {resolution!r}; choose one of {', '.join(IMAGE_SIZES)}")
     sizes = IMAGE_SIZES[resolution]
     if aspect_ratio not in sizes:
-        raise ValueError(
-            f"unknown aspect ratio {aspect_ratio!r} (height:width); choose one of {', '.join(sizes)}"
-        )
+        choices = ", ".join(sizes)
+        raise ValueError(f"aspect ratio {aspect_ratio!r} (height:width) is not a {resolution} bucket; choose {choices}")
     return sizes[aspect_ratio]
 
 

@@ -4,6 +4,10 @@ The command line is ``python -m mlx_sora.convert`` (convert.py); this module doe
 ``--hf-path`` is a local snapshot folder or a Hugging Face repo id. The model kind is detected from
 the checkpoint's config.json (and keys). Conversion streams tensor by tensor and unit by unit, so its
 peak memory is about one unit, and the output folder appears only when complete.
+
+The output folder is checked before anything is downloaded or read (``fsutil.check_output_folder``):
+it may not be, contain or lie inside the source, be or contain the current or home folder, or be a
+file; ``overwrite`` replaces only a previous converted folder, never other content.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from pathlib import Path
 import mlx.core as mx
 
 from .checkpoint import CheckpointError, CheckpointFolder, read_config
+from .errors import UserError
+from .fsutil import check_output_folder, is_converted_folder
 from .loading import check_keys, expected_parameters, parse_dtype, write_converted_folder
 from .models import detect_family
+from .quantization import DEFAULT_GROUP_SIZE, parse_quantization
 
 
 def resolve_hf_path(hf_path: str, allow_patterns: tuple[str, ...] | None = None) -> Path:
@@ -48,14 +55,35 @@ def convert(
     mlx_path: str | Path,
     dtype: str | mx.Dtype = "float32",
     overwrite: bool = False,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> Path:
-    """Convert one checkpoint; returns the output folder."""
-    storage_dtype = parse_dtype(dtype)
+    """Convert one checkpoint; returns the output folder (resolved). ``quantize`` ("int8" / "int4")
+    stores the family's quantizable linear layers quantized (affine, ``group_size`` per group).
+
+    Raises ``UserError`` (``CheckpointError`` for the checkpoint itself) for a bad target, source or
+    checkpoint, before any heavy work where it can be known then.
+    """
+    quantization = parse_quantization(quantize, group_size)
+    try:
+        storage_dtype = parse_dtype(dtype)
+    except UserError:
+        raise
+    except ValueError as e:
+        raise UserError(f"--dtype: {e}") from e
+    local = Path(hf_path).expanduser()
+    _check_target(mlx_path, [local] if local.exists() else [], overwrite)  # before any download
     source_dir = resolve_hf_path(str(hf_path))
+    target = _check_target(mlx_path, [source_dir], overwrite)
     hf_config = read_config(source_dir)
     checkpoint = CheckpointFolder(source_dir)
-    family = detect_family(hf_config, checkpoint)
-    config = family.config_from_hf(hf_config, checkpoint)
+    try:
+        family = detect_family(hf_config, checkpoint)
+        config = family.config_from_hf(hf_config, checkpoint)
+    except UserError:
+        raise
+    except ValueError as e:  # the models' config checks raise ValueError for what the config says
+        raise CheckpointError(f"{source_dir / 'config.json'}: {e}") from e
 
     renamed: dict[str, str] = {}
     for hf_key in checkpoint.keys():
@@ -76,7 +104,7 @@ def convert(
 
     ordered = [k for k in expected if k in renamed]  # the model's own order groups units together
     return write_converted_folder(
-        mlx_path,
+        target,
         family,
         config,
         model,
@@ -85,4 +113,12 @@ def convert(
         source_dir=source_dir,
         source=str(hf_path),
         overwrite=overwrite,
+        quantization=quantization,
     )
+
+
+def _check_target(mlx_path: str | Path, sources: list[Path], overwrite: bool) -> Path:
+    try:
+        return check_output_folder(mlx_path, sources, overwrite=overwrite, is_ours=is_converted_folder)
+    except UserError as e:
+        raise UserError(f"--mlx-path {e}") from e

@@ -4,6 +4,10 @@
 
 ``--hf-path`` is a local snapshot folder or a Hugging Face repo id; the model kind is detected from the
 checkpoint's config.json. The work is done by ``mlx_sora.conversion.convert``.
+
+A user or file error (bad option, bad target folder, corrupt or hostile checkpoint, unwritable disk)
+prints one ``error: ...`` line and exits with status 2; Ctrl-C exits with 130 and leaves nothing
+half-written; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import CheckpointError, read_config
+from .checkpoint import read_config
 from .conversion import convert
+from .errors import UserError, describe_os_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,20 +27,38 @@ def main(argv: list[str] | None = None) -> int:
         "VAE v1.2) into an MLX weights folder.",
     )
     parser.add_argument("--hf-path", required=True, help="local checkpoint folder or Hugging Face repo id")
-    parser.add_argument("--mlx-path", required=True, help="output folder")
+    parser.add_argument("--mlx-path", required=True,
+                        help="output folder (created; must be separate from the source)")
     parser.add_argument(
         "--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
         help="storage dtype of the converted weights (default: float32)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                        help="store the linear layers of the T5 / STDiT3 blocks quantized (affine; embeddings, "
+                             "norms, embedders and the final layer stay in --dtype)")
+    parser.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128],
+                        help="quantization group size (default 64)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier converted folder at --mlx-path (never other content)")
     args = parser.parse_args(argv)
     try:
-        out = convert(args.hf_path, args.mlx_path, args.dtype, overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError, ValueError) as e:
+        out = convert(args.hf_path, args.mlx_path, args.dtype, overwrite=args.overwrite,
+                      quantize=args.quantize, group_size=args.group_size)
+        config = read_config(out)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    config = read_config(out)
-    print(f"converted {config['model_type']} -> {out} ({config['mlx_sora']['dtype']}, "
+    except OSError as e:
+        if e.filename is None and not isinstance(e, FileExistsError):
+            raise  # not about a path the user gave: a bug, keep the traceback
+        print(f"error: {describe_os_error(e) if e.filename is not None else e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output folder was written", file=sys.stderr)
+        return 130
+    quantized = config["mlx_sora"].get("quantization")
+    how = f", {quantized['layers']} linear layers int{quantized['bits']}" if quantized else ""
+    print(f"converted {config['model_type']} -> {out} ({config['mlx_sora']['dtype']}{how}, "
           f"{len(config['mlx_sora']['units'])} units)")
     return 0
 

@@ -15,9 +15,8 @@ index's weight map, so a folder written by an older layout still loads.
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -25,9 +24,17 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, validate_safetensors
+from .fsutil import atomic_output_folder, check_output_folder, is_converted_folder
 from .models import ModelFamily, family_for_type
 from .models.units import unit_for_key
+from .quantization import (
+    DEFAULT_GROUP_SIZE,
+    parse_quantization,
+    quantizable_linears,
+    quantize_modules,
+    quantize_weight,
+)
 
 FORMAT_VERSION = 2  # 2: VAE decoders split into stages (format 1 folders still load)
 INDEX_NAME = "model.safetensors.index.json"
@@ -51,12 +58,6 @@ def parse_dtype(name: str | mx.Dtype | None) -> mx.Dtype | None:
 
 def dtype_name(dtype: mx.Dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def unit_file(unit: str) -> str:
@@ -100,6 +101,7 @@ def write_converted_folder(
     source_dir: Path | None = None,
     source: str = "",
     overwrite: bool = False,
+    quantization: dict | None = None,
 ) -> Path:
     """Write a converted folder atomically, one unit at a time.
 
@@ -108,27 +110,34 @@ def write_converted_folder(
     unit so that only one unit is in memory. The folder is built under a temporary name next to
     ``out_dir`` and renamed into place at the end.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; remove it or pass --overwrite")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    sources = [source_dir] if source_dir is not None else []
+    out_dir = check_output_folder(out_dir, sources, overwrite=overwrite, is_ours=is_converted_folder)
 
     by_unit: dict[str, list[tuple[str, Callable[[], mx.array]]]] = {u.name: [] for u in model.units}
     for key, loader in weights:
         by_unit[unit_for_key(model.units, key).name].append((key, loader))
     by_unit = {name: entries for name, entries in by_unit.items() if entries}
 
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    quantized = set()
+    if quantization is not None:
+        quantized = {f"{path}.weight" for path in
+                     quantizable_linears(model, family.quantizable, quantization["group_size"])}
+
+    with atomic_output_folder(out_dir, is_ours=is_converted_folder) as tmp_dir:
         weight_map: dict[str, str] = {}
         for unit, entries in by_unit.items():
             arrays = {}
             for key, loader in entries:
                 value = loader()
-                if mx.issubdtype(value.dtype, mx.floating):
-                    value = value.astype(mx.float32 if family.keep_float32(key) else dtype)
-                arrays[key] = value
-                weight_map[key] = unit_file(unit)
+                if key in quantized:
+                    module = key[: -len(".weight")]
+                    arrays[key], arrays[f"{module}.scales"], arrays[f"{module}.biases"] = quantize_weight(
+                        value, quantization, dtype)
+                elif mx.issubdtype(value.dtype, mx.floating):
+                    arrays[key] = value.astype(mx.float32 if family.keep_float32(key) else dtype)
+                else:
+                    arrays[key] = value
+            weight_map.update({k: unit_file(unit) for k in arrays})
             mx.eval(arrays)
             mx.save_safetensors(str(tmp_dir / unit_file(unit)), arrays, metadata={"format": "mlx"})
             del arrays
@@ -141,6 +150,8 @@ def write_converted_folder(
             "units": list(by_unit),
             "source": source,
         }
+        if quantization is not None:
+            full_config["mlx_sora"]["quantization"] = {**quantization, "layers": len(quantized)}
         (tmp_dir / "config.json").write_text(json.dumps(full_config, indent=2) + "\n")
         index = {"metadata": {"format": "mlx_sora", "units": list(by_unit)}, "weight_map": weight_map}
         (tmp_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
@@ -148,12 +159,6 @@ def write_converted_folder(
             if source_dir is None or not (source_dir / name).exists():
                 raise CheckpointError(f"{source_dir} lacks {name}, which the {family.model_type} model needs")
             shutil.copy2(source_dir / name, tmp_dir / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -161,20 +166,52 @@ def write_converted_folder(
 
 
 def read_converted_config(folder: str | Path) -> dict:
+    """The config.json of a converted folder, its structure checked (the model config's own
+    dataclass checks types and ranges when the model is built)."""
     folder = Path(folder)
     path = folder / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise CheckpointError(
             f"{folder} is not a converted mlx-sora folder (no config.json); "
             "create one with `python -m mlx_sora.convert --hf-path ... --mlx-path ...`"
         )
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {e}); convert the model again") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; convert the model again")
     if "mlx_sora" not in config or "model_type" not in config:
         raise CheckpointError(
             f"{folder} holds a Hugging Face checkpoint, not converted MLX weights; convert it first: "
             f"python -m mlx_sora.convert --hf-path {folder} --mlx-path weights/<name>"
         )
+    info = config["mlx_sora"]
+    if not isinstance(info, dict) or not isinstance(info.get("units"), list) or not all(
+            isinstance(u, str) and re.fullmatch(r"[A-Za-z0-9_]+", u) for u in info["units"]):
+        raise CheckpointError(f"{path}: 'mlx_sora' must hold 'units', a list of plain unit names; convert again")
+    if not isinstance(info.get("dtype", "float32"), str) or info.get("dtype", "float32") not in DTYPES:
+        raise CheckpointError(f"{path}: 'mlx_sora.dtype' must be one of {sorted(DTYPES)}")
+    if not isinstance(config["model_type"], str):
+        raise CheckpointError(f"{path}: 'model_type' must be a string")
+    quantization = info.get("quantization")
+    if quantization is not None and not (
+            isinstance(quantization, dict) and quantization.get("bits") in (4, 8)
+            and quantization.get("group_size") in (32, 64, 128) and quantization.get("mode", "affine") == "affine"):
+        raise CheckpointError(f"{path}: 'mlx_sora.quantization' must be {{bits: 4 or 8, group_size: 32, 64 or 128, "
+                              "mode: affine}}; convert again")
     return config
+
+
+def build_model(folder: str | Path, config: dict | None = None) -> nn.Module:
+    """The (lazy, unallocated) model a converted folder's config describes; config errors name the file."""
+    folder = Path(folder)
+    config = read_converted_config(folder) if config is None else config
+    try:
+        family = family_for_type(config["model_type"])
+        return family.build(config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'}: {e}") from e
 
 
 def read_weight_map(folder: str | Path) -> dict[str, str]:
@@ -207,6 +244,7 @@ def load_weight_files(
         path = Path(folder) / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: the converted folder is incomplete; convert again")
+        validate_safetensors(path)  # every byte range inside the file, no overlaps, before MLX reads it
         try:
             weights.update(mx.load(str(path)))
         except Exception as e:  # mlx raises RuntimeError/ValueError on corrupt files
@@ -224,10 +262,13 @@ def load_model(folder: str | Path, dtype: str | mx.Dtype | None = None, lazy: bo
     """
     folder = Path(folder)
     config = read_converted_config(folder)
-    family = family_for_type(config["model_type"])
-    model = family.build(config)
+    model = build_model(folder, config)
     dtype = parse_dtype(dtype) or parse_dtype(config["mlx_sora"].get("dtype", "float32"))
     weight_map = read_weight_map(folder)
+    quantization = config["mlx_sora"].get("quantization")
+    if quantization is not None:  # the layers whose scales are stored are quantized (as mlx-lm)
+        paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and f"{p}.scales" in weight_map]
+        quantize_modules(model, paths, quantization)
     weights = load_weight_files(folder, sorted(set(weight_map.values())), dtype)
     check_keys({k: tuple(v.shape) for k, v in weights.items()}, expected_parameters(model), str(folder))
     model.load_weights(list(weights.items()), strict=True)
@@ -246,15 +287,19 @@ def save_model(
     dtype: str | mx.Dtype = mx.float32,
     source_dir: Path | None = None,
     overwrite: bool = False,
+    quantize: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> Path:
     """Write an in-memory model (e.g. trained or randomly initialised) as a converted folder.
 
     ``config`` is the family config the model was built from; ``source_dir`` holds the family's extra
-    files (e.g. ``spiece.model`` for T5).
+    files (e.g. ``spiece.model`` for T5); ``quantize``: "int8" / "int4" stores the family's
+    quantizable linear layers quantized.
     """
     family = family_for_type(model_type)
     params = dict(tree_flatten(model.parameters()))
     return write_converted_folder(
         folder, family, config, model, ((k, (lambda v=v: v)) for k, v in params.items()),
         parse_dtype(dtype), source_dir=source_dir, source="mlx_sora.save_model", overwrite=overwrite,
+        quantization=parse_quantization(quantize, group_size),
     )

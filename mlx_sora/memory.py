@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -22,13 +23,48 @@ def max_rss_bytes() -> int:
     """
     if sys.platform.startswith("linux"):
         try:
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
         except OSError:
             pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def process_rss() -> int:
+    """Current resident set size of this process (bytes)."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    import resource  # macOS: ru_maxrss is the peak, the closest figure without psutil
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def available_memory() -> int:
+    """Memory this process could use now: Linux MemAvailable (+ what the process holds); macOS: the
+    GPU's recommended working set (unified memory) or the physical memory."""
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/meminfo") as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024 + process_rss()
+        except OSError:
+            pass
+    info = mx.device_info() if hasattr(mx, "device_info") else {}
+    for key in ("max_recommended_working_set_size", "memory_size"):
+        if info.get(key):
+            return int(info[key])
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @dataclass
@@ -39,10 +75,19 @@ class PhaseReport:
     """Peak MLX memory during the phase (bytes)."""
     max_rss: int = 0
     """Process max RSS at the end of the phase (bytes; monotonic over the process's life)."""
+    loads: int = 0
+    """Unit weight loads (streaming; 0 when the whole model was loaded up front)."""
+    load_wait: float = 0.0
+    """Seconds spent waiting for weights (loading not hidden behind compute)."""
+    read_bytes: int = 0
 
     def summary(self) -> str:
-        return (f"{self.name:<14} {self.seconds:8.2f} s   peak MLX {self.peak_memory / GIB:6.2f} GiB   "
+        line = (f"{self.name:<14} {self.seconds:8.2f} s   peak MLX {self.peak_memory / GIB:6.2f} GiB   "
                 f"max RSS {self.max_rss / GIB:6.2f} GiB")
+        if self.loads:
+            line += (f"   {self.loads} unit loads ({self.read_bytes / GIB:.2f} GiB read), "
+                     f"{self.load_wait:.2f} s waiting for weights")
+        return line
 
 
 @contextmanager

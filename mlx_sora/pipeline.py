@@ -1,15 +1,21 @@
 """Text -> video: T5 text encoding, rectified-flow denoising with STDiT3, VAE decoding.
 
-Follows Open-Sora 1.2's ``scripts/inference.py``: prompt preprocessing and score suffixes, resolution
-buckets and frame presets, fps/size conditioning, classifier-free guidance with the learned null
-caption. Each phase loads its model, runs, and (unless ``keep_loaded``) releases it, so the peak is
-that of the largest phase; every generation reports seconds and peak memory per phase.
+Follows Open-Sora 1.2's ``scripts/inference.py``: prompt preprocessing and score suffixes, fps/size
+conditioning, classifier-free guidance with the learned null caption. This module orchestrates; what
+a model name means lives in ``registry.py``, option checks in ``request.py``, and the unit-by-unit
+execution within a memory budget (CI-DL) in ``streaming.py``.
+
+Each phase runs one model, unit by unit, and releases it, so the peak is that of the largest phase.
+With a memory budget (the default: 80 % of the available memory), each phase is planned before any
+heavy work: which units stay resident and which are streamed (read before use, evicted after, the
+next one read while the current one computes), and for decoding the VAE's micro-batch and tiling.
+Every generation reports seconds, MLX peak memory and process max RSS per phase.
 """
 
 from __future__ import annotations
 
 import gc
-import json
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,91 +26,35 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from . import aspect
-from .checkpoint import CheckpointError
-from .loading import load_model, parse_dtype, read_converted_config
-from .models import family_for_type
-from .memory import PhaseReport, measure_phase
+from .loading import build_model, load_model, parse_dtype
+from .memory import PhaseReport, measure_phase, process_rss
 from .models.units import run_units
-from .sampling import (
-    IMG_FPS,
-    DynamicLeap,
-    FixedLeap,
-    SamplerConfig,
-    SamplingReport,
-    iterate_sampling,
-    sampling_timesteps,
+from .registry import GenerationDefaults, ModelBundle, resolve_model
+from .request import GenerationRequest
+from .sampling import IMG_FPS, SamplingReport, iterate_sampling, sampling_timesteps
+from .streaming import (
+    MemoryBudgetError,
+    PhasePlan,
+    StreamingWeights,
+    default_memory_budget,
+    format_bytes,
+    parse_memory_size,
+    plan_phase,
+    unit_sizes,
 )
-from .text import prepare_prompt
 from .tokenizer import T5Tokenizer
 from .video import to_uint8_frames
 
-COMPONENTS = {"t5": "text_encoder", "stdit3": "stdit3", "vae": "vae"}
-
-PRESETS: dict[str, dict[str, str]] = {
-    "opensora-v1.2": {
-        "text_encoder": "DeepFloyd/t5-v1_1-xxl",
-        "stdit3": "hpcai-tech/OpenSora-STDiT-v3",
-        "vae": "hpcai-tech/OpenSora-VAE-v1.2",
-    },
-}
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-TEXT_MAX_LENGTH = 300  # Open-Sora 1.2 pads/truncates every prompt to 300 T5 tokens
+# VAE decoding settings tried in order (fastest first) until the plan fits the budget:
+# (images per spatial-decoder call, tiling (tile size, overlap) in latent pixels or None).
+VAE_SETTINGS: tuple[tuple[int | None, tuple[int, int] | None], ...] = (
+    (4, None), (2, None), (1, None), (1, (32, 8)), (1, (16, 4)),
+)
 
 
 def default_compute_dtype() -> mx.Dtype:
     """float32 on CPU (MLX's CPU bf16 matmul is slow), bfloat16 on a GPU."""
     return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
-
-
-def find_components(root: str | Path) -> dict[str, Path]:
-    """The converted sub-folders of a model folder, keyed text_encoder / stdit3 / vae."""
-    root = Path(root)
-    if not root.is_dir():
-        raise CheckpointError(f"model folder {root} does not exist")
-    found: dict[str, Path] = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        config = sub / "config.json"
-        if config.exists():
-            values = json.loads(config.read_text())
-            if values.get("model_type") in COMPONENTS and "mlx_sora" in values:
-                found[COMPONENTS[values["model_type"]]] = sub
-    missing = [c for c in COMPONENTS.values() if c not in found]
-    if missing:
-        raise CheckpointError(
-            f"{root} lacks converted {', '.join(missing)} weights; a model folder holds one converted "
-            "sub-folder per component (python -m mlx_sora.convert --hf-path ... --mlx-path "
-            f"{root}/<component>)"
-        )
-    return found
-
-
-def prepare_preset(name: str, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, dtype: str = "bfloat16") -> Path:
-    """Convert a preset's Hugging Face checkpoints once into ``weights_dir/name`` and reuse them."""
-    from .conversion import convert
-
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    root = Path(weights_dir) / name
-    for component, repo in PRESETS[name].items():
-        target = root / component
-        if (target / "config.json").exists():
-            continue
-        print(f"converting {repo} -> {target} ({dtype}); this happens once")
-        try:
-            convert(repo, target, dtype)
-        except CheckpointError as e:
-            raise CheckpointError(
-                f"{e}\nTo prepare it by hand: python -m mlx_sora.convert --hf-path {repo} "
-                f"--mlx-path {target} --dtype {dtype}"
-            ) from e
-    return root
-
-
-def resolve_model(model: str | Path) -> dict[str, Path]:
-    if str(model) in PRESETS:
-        return find_components(prepare_preset(str(model)))
-    return find_components(model)
 
 
 @dataclass
@@ -120,178 +70,306 @@ class GenerationResult:
     latent_shape: tuple[int, ...] = ()
     latent: mx.array | None = None
     """The denoised latent [B, 4, T', H', W'] the videos were decoded from."""
+    plans: list[PhasePlan] = field(default_factory=list)
+    memory_budget: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def max_rss(self) -> int:
+        return max((p.max_rss for p in self.phases), default=0)
+
+    @property
+    def within_budget(self) -> bool | None:
+        """Whether the process max RSS stayed within the memory budget (None without a budget)."""
+        return None if self.memory_budget is None else self.max_rss <= self.memory_budget
 
     def summary(self) -> str:
         lines = [p.summary() for p in self.phases]
         s = self.sampling
         leap = f", leapt at step {s.leap_step}" if s.leap_step is not None else ""
         lines.append(f"model evaluations {s.evaluations}{leap}, {s.seconds_per_step:.2f} s/step")
+        if self.memory_budget is not None:
+            verdict = "within" if self.within_budget else "OVER"
+            lines.append(f"process max RSS {format_bytes(self.max_rss)}: {verdict} the memory budget "
+                         f"{format_bytes(self.memory_budget)}")
         return "\n".join(lines)
 
 
-def _parse_leap(lpl: int | str | None) -> FixedLeap | DynamicLeap | None:
-    if lpl is None or lpl is False:
-        return None
-    if isinstance(lpl, (FixedLeap, DynamicLeap)):
-        return lpl
-    if isinstance(lpl, str):
-        if lpl == "dynamic":
-            return DynamicLeap()
-        if not lpl.isdigit():
-            raise ValueError(f"lpl must be a step number or 'dynamic', got {lpl!r}")
-    return FixedLeap(int(lpl))  # SamplerConfig checks it against the number of steps
+@dataclass
+class _Phase:
+    """A planned phase: the component, its plan, and (VAE) the decoding settings."""
+
+    component: str
+    plan: PhasePlan
+    micro_batch: int | None = None
+    tiling: tuple[int, int] | None = None
 
 
 class Pipeline:
     """Open-Sora 1.2 text-to-video on MLX.
 
-    >>> pipe = Pipeline.from_pretrained("weights/opensora-v1.2")
+    >>> pipe = Pipeline.from_pretrained()                        # the embedded demo model
+    >>> result = pipe.generate("a red circle moving left", seed=1)
+    >>> pipe = Pipeline.from_pretrained("weights/opensora-v1.2", memory_budget="3.3GB")
     >>> result = pipe.generate("a red panda eating bamboo", num_frames=51, seed=1)
-    >>> result.videos[0].shape   # (51, 240, 426, 3)
+    >>> result.videos[0].shape   # (51, 240, 424, 3)
     """
 
-    def __init__(self, components: dict[str, Path], dtype: str | mx.Dtype | None = None, keep_loaded: bool = False):
-        self.components = components
+    def __init__(
+        self,
+        model: ModelBundle | dict[str, Path],
+        dtype: str | mx.Dtype | None = None,
+        memory_budget: str | int | None = "auto",
+        overlap: bool = True,
+        keep_loaded: bool = False,
+    ):
+        self.bundle = model if isinstance(model, ModelBundle) else ModelBundle("custom", dict(model))
+        self.components = self.bundle.components
+        self.defaults: GenerationDefaults = self.bundle.defaults
         self.dtype = parse_dtype(dtype) or default_compute_dtype()
+        self.memory_budget = default_memory_budget() if memory_budget == "auto" else parse_memory_size(memory_budget)
+        self.overlap = overlap
         self.keep_loaded = keep_loaded
-        self.tokenizer = T5Tokenizer.from_folder(components["text_encoder"])
+        self.tokenizer = T5Tokenizer.from_folder(self.components["text_encoder"])
+        # skeletons (lazy parameters, nothing allocated) for sizes, units and memory estimates
+        self._skeletons = {c: build_model(p) for c, p in self.components.items()}
+        for model_ in self._skeletons.values():
+            model_.compute_dtype = self.dtype
+        self.text_length = self._skeletons["stdit3"].config.model_max_length
         self._loaded: dict[str, nn.Module] = {}
-        self._latent_sizer: nn.Module | None = None
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, dtype: str | mx.Dtype | None = None, keep_loaded: bool = False) -> "Pipeline":
-        """A model folder (converted sub-folders text_encoder/stdit3/vae) or a preset name."""
-        return cls(resolve_model(model), dtype=dtype, keep_loaded=keep_loaded)
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        dtype: str | mx.Dtype | None = None,
+        memory_budget: str | int | None = "auto",
+        overlap: bool = True,
+        keep_loaded: bool = False,
+        prefer_quantized: bool = False,
+    ) -> "Pipeline":
+        """``model``: None / "demo" (embedded), a preset ("opensora-v1.2") or a folder of converted
+        weights. ``memory_budget``: "auto" (80 % of the available memory), a size ("3.3GB",
+        "800MB", bytes) or None (each phase loads its whole model). ``prefer_quantized``: use a
+        quantized text encoder where the folder has one."""
+        return cls(resolve_model(model, prefer_quantized), dtype=dtype, memory_budget=memory_budget,
+                   overlap=overlap, keep_loaded=keep_loaded)
 
-    # ------------------------------------------------------------ models, loaded per phase
+    # ------------------------------------------------------------ sizes and plans
 
-    def _model(self, component: str) -> nn.Module:
-        if component not in self._loaded:
-            self._loaded[component] = load_model(self.components[component], dtype=self.dtype)
-        return self._loaded[component]
+    def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Latent (T, H, W) of a video size, from the VAE's config."""
+        return tuple(self._skeletons["vae"].get_latent_size((frames, height, width)))
 
-    def _release(self, component: str) -> None:
-        if not self.keep_loaded and component in self._loaded:
-            del self._loaded[component]
+    def plan(self, request: GenerationRequest) -> list[_Phase]:
+        """Plan the three phases for a request (raises MemoryBudgetError before any heavy work)."""
+        batch = len(request.texts)
+        baseline = process_rss()
+        budget = self.memory_budget
+        what = f" at {request.height}x{request.width}, {request.num_frames} frames"
+        t5, stdit, vae = (self._skeletons[c] for c in ("text_encoder", "stdit3", "vae"))
+        latent = self.latent_size(request.num_frames, request.height, request.width)
+        phases = [
+            _Phase("text_encoder", plan_phase(
+                "text encoding", self._sizes("text_encoder"), budget, baseline,
+                t5.activation_bytes(batch, self.text_length), self.overlap, what)),
+            _Phase("stdit3", plan_phase(
+                "denoising", self._sizes("stdit3", uses=request.sampler.num_steps), budget, baseline,
+                stdit.activation_bytes(2 * batch, latent, self.text_length), self.overlap, what)),
+        ]
+        chunks = len(vae.temporal_chunks(latent[0], request.num_frames))
+        failure: MemoryBudgetError | None = None
+        for micro_batch, tiling in VAE_SETTINGS if budget is not None else ((vae.micro_batch_size, None),):
+            vae.micro_batch_size = micro_batch
+            vae.set_tiling(tiling is not None, *(tiling or (vae.tile_size, vae.tile_overlap)))
+            images = batch * (vae.micro_frame_size or request.num_frames)
+            spatial_calls = chunks * -(-images // (micro_batch or images))
+            if tiling is not None:
+                spatial_calls *= len(vae.spatial_vae.tiles(latent[1], *tiling)) * len(
+                    vae.spatial_vae.tiles(latent[2], *tiling))
+            uses = {u.name: chunks for u in vae.temporal_decoder_units}
+            uses.update({u.name: spatial_calls for u in vae.spatial_decoder_units})
+            try:
+                plan = plan_phase("decoding", self._sizes("vae", uses=uses), budget, baseline,
+                                  vae.decode_activation_bytes(batch, latent[1], latent[2]), self.overlap, what)
+            except MemoryBudgetError as e:
+                failure = e
+                continue
+            if tiling is not None or micro_batch != VAE_SETTINGS[0][0]:
+                tiles = f", tiles {tiling[0]}/{tiling[1]} latent px" if tiling else ""
+                plan.notes.append(f"VAE: {micro_batch} image(s) per spatial-decoder call{tiles} to fit the budget")
+            phases.append(_Phase("vae", plan, micro_batch, tiling))
+            break
+        else:
+            assert failure is not None
+            raise failure
+        return phases
+
+    def _sizes(self, component: str, uses: int | dict[str, int] = 1):
+        model = self._skeletons[component]
+        chain = model.units
+        if component == "vae":
+            chain = model.temporal_decoder_units + model.spatial_decoder_units
+        per_unit = uses if isinstance(uses, dict) else {u.name: uses for u in chain}
+        return unit_sizes(model, self.components[component], self.dtype, per_unit, chain)
+
+    # ------------------------------------------------------------ models, per phase
+
+    def _in_phase(self, phase: _Phase, report: PhaseReport, work, cyclic: bool = False):
+        """Open the phase's model (resident, or lazily with a streaming weight policy), run
+        ``work(model, weights)``, then release everything the phase held."""
+        folder = self.components[phase.component]
+        weights = None
+        if phase.plan.budget is None:
+            if phase.component not in self._loaded:
+                start = time.perf_counter()
+                self._loaded[phase.component] = load_model(folder, dtype=self.dtype)
+                report.load_wait = time.perf_counter() - start  # the whole model, before any compute
+            model = self._loaded[phase.component]
+        else:
+            model = load_model(folder, dtype=self.dtype, lazy=True)
+            weights = StreamingWeights(model, folder, phase.plan, self.dtype, cyclic=cyclic)
+            # freed buffers beyond about one streamed unit go back to the system
+            mx.set_cache_limit(max(phase.plan.stream_buffer_bytes, 64 * 2**20))
+        try:
+            if weights is not None:
+                weights.materialize_resident()
+            return work(model, weights)
+        finally:
+            del model
+            if weights is not None:
+                weights.close()
+                report.loads, report.load_wait = weights.stats.loads, weights.stats.waited
+                report.read_bytes = weights.stats.bytes_read
+            if not self.keep_loaded:
+                self._loaded.pop(phase.component, None)
             gc.collect()
             mx.clear_cache()
 
     # ------------------------------------------------------------ phases
 
-    def encode_text(self, prompts: Sequence[str], progress: bool = False) -> tuple[mx.array, mx.array]:
-        """Prompts (already preprocessed) -> (y [B, 1, 300, C], mask [B, 300])."""
-        tokens = self.tokenizer(list(prompts), max_length=TEXT_MAX_LENGTH)
-        for prompt, count in zip(prompts, tokens.num_tokens):
-            if count > TEXT_MAX_LENGTH:
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        tokens = self.tokenizer(list(texts), max_length=self.text_length)
+        for text, count in zip(texts, tokens.num_tokens):
+            if count > self.text_length:
                 warnings.warn(
-                    f"prompt is {count} tokens long; T5 sees only the first {TEXT_MAX_LENGTH} "
-                    f"(truncated like the reference): {prompt[:60]!r}...", stacklevel=3
+                    f"prompt is {count} tokens long; T5 sees only the first {self.text_length} "
+                    f"(truncated like the reference): {text[:60]!r}...", stacklevel=4
                 )
-        encoder = self._model("text_encoder")
-        inputs = encoder.check_inputs(tokens.input_ids, tokens.attention_mask)
-        with tqdm(total=len(encoder.units), desc="text encoding", disable=not progress, leave=False) as bar:
-            y = run_units(encoder.units, inputs, evaluate=True, on_unit=lambda _: bar.update())
-        return y[:, None], inputs[1]
+        return tokens.input_ids, tokens.attention_mask
 
-    def generate(
-        self,
-        prompt: str | Sequence[str],
-        resolution: str = "240p",
-        aspect_ratio: str = "9:16",
-        num_frames: str | int = "2s",
-        fps: int = 24,
-        steps: int = 30,
-        cfg_scale: float = 7.0,
-        seed: int | Sequence[int] = 42,
-        aes: float | None = 6.5,
-        flow: float | None = None,
-        camera_motion: str | None = None,
-        lpl: int | str | FixedLeap | DynamicLeap | None = None,
-        tdtm_steps: int = 0,
-        discrete_timesteps: bool = False,
-        progress: bool = False,
-    ) -> GenerationResult | list[GenerationResult]:
-        """Generate one video per prompt (a list of results when ``seed`` is a list)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seeds = [seed] if isinstance(seed, int) else list(seed)
-        if not prompts or any(not p or not p.strip() for p in prompts):
-            raise ValueError("the prompt is empty: describe the video to generate")
-        if not seeds:
-            raise ValueError("give at least one seed")
-        height, width = aspect.image_size(resolution, aspect_ratio)
-        frames = aspect.num_frames(num_frames)
-        if fps <= 0:
-            raise ValueError(f"fps must be positive, got {fps}")
-        config = SamplerConfig(
-            num_steps=steps, cfg_scale=cfg_scale, use_discrete_timesteps=discrete_timesteps,
-            leap=_parse_leap(lpl), tdtm_steps=tdtm_steps,
-        )
-        texts = [prepare_prompt(p, aes=aes, flow=flow, camera_motion=camera_motion) for p in prompts]
+    def encode_text(self, texts: Sequence[str], phase: _Phase, report: PhaseReport,
+                    progress: bool = False) -> tuple[mx.array, mx.array]:
+        """Prompts (already preprocessed) -> (y [B, 1, L, C], mask [B, L])."""
+        input_ids, attention_mask = self.tokenize(texts)
 
-        phases: list[PhaseReport] = []
+        def work(encoder: nn.Module, weights: StreamingWeights | None) -> tuple[mx.array, mx.array]:
+            inputs = encoder.check_inputs(input_ids, attention_mask)
+            with tqdm(total=len(encoder.units), desc="text encoding", disable=not progress, leave=False) as bar:
+                y = run_units(encoder.units, inputs, weights, evaluate=True, on_unit=lambda _: bar.update())
+            return y[:, None], inputs[1]
+
+        return self._in_phase(phase, report, work)
+
+    def generate(self, prompt: str | Sequence[str], progress: bool = False, **options) -> (
+            GenerationResult | list[GenerationResult]):
+        """Generate one video per prompt (a list of results when ``seed`` is a list).
+
+        Options (None = the model's default): ``resolution``/``aspect_ratio`` (Open-Sora buckets) or
+        ``image_size=(height, width)``, ``num_frames`` (int or "2s"...), ``fps``, ``steps``,
+        ``cfg_scale``, ``seed`` (int or list), ``aes``, ``flow``, ``camera_motion``, ``lpl`` (step or
+        "dynamic"), ``tdtm_steps``, ``discrete_timesteps``.
+        """
+        seed = options.get("seed", 42)
+        request = GenerationRequest.build(prompt, self.defaults, model_name=f"the {self.bundle.name} model",
+                                          **options)
+        for message in request.warnings:
+            warnings.warn(message, stacklevel=2)
+        results = self.run(request, progress)
+        return results if not isinstance(seed, int) else results[0]
+
+    def run(self, request: GenerationRequest, progress: bool = False) -> list[GenerationResult]:
+        """Run a validated request: plan every phase first, then text encoding, denoising of every
+        seed (each model loaded once for all seeds), decoding of every latent."""
+        plans = self.plan(request)
+        previous_cache_limit = mx.set_cache_limit(2**62)  # (reads the current limit)
+        mx.set_cache_limit(previous_cache_limit)
+        try:
+            return self._run(request, plans, progress)
+        finally:
+            mx.set_cache_limit(previous_cache_limit)
+
+    def _run(self, request: GenerationRequest, plans: list[_Phase], progress: bool) -> list[GenerationResult]:
+        text_phase, denoise_phase, decode_phase = plans
+        texts = list(request.texts)
+        results = [GenerationResult([], texts, s, request.fps, plans=[p.plan for p in plans],
+                                    memory_budget=self.memory_budget, warnings=list(request.warnings))
+                   for s in request.seeds]
         with measure_phase("text encoding") as phase:
-            y, text_mask = self.encode_text(texts, progress=progress)
-            self._release("text_encoder")
-        phases.append(phase)
-
-        # each model is loaded once for all seeds: denoise every seed, then decode every latent
-        results = [GenerationResult([], texts, s, fps, list(phases)) for s in seeds]
+            y, text_mask = self.encode_text(texts, text_phase, phase, progress)
         for result in results:
-            with measure_phase("denoising") as phase:
-                latent = self._denoise(result, y, text_mask, height, width, frames, fps, config, progress)
             result.phases.append(phase)
-            result.latent = latent
-        self._release("stdit3")
-        for result in results:
-            with measure_phase("decoding") as phase:
-                result.videos = self._decode(result.latent, frames, progress)
-            result.phases.append(phase)
-        self._release("vae")
-        return results[0] if isinstance(seed, int) else results
 
-    def _denoise(
-        self, result: GenerationResult, y: mx.array, text_mask: mx.array, height: int, width: int,
-        frames: int, fps: int, config: SamplerConfig, progress: bool,
-    ) -> mx.array:
+        def denoise_all(model: nn.Module, weights: StreamingWeights | None) -> None:
+            for result in results:
+                result.latent = self._denoise(model, weights, result, y, text_mask, request, progress)
+
+        with measure_phase("denoising") as phase:
+            self._in_phase(denoise_phase, phase, denoise_all, cyclic=True)
+        for result in results:
+            result.phases.append(phase)
+
+        def decode_all(vae: nn.Module, weights: StreamingWeights | None) -> None:
+            vae.micro_batch_size = decode_phase.micro_batch
+            vae.set_tiling(decode_phase.tiling is not None, *(decode_phase.tiling or (32, 8)))
+            for result in results:
+                result.videos = self._decode(vae, weights, result.latent, request.num_frames, progress)
+
+        with measure_phase("decoding") as phase:
+            self._in_phase(decode_phase, phase, decode_all)
+        for result in results:
+            result.phases.append(phase)
+        return results
+
+    def _denoise(self, model: nn.Module, weights: StreamingWeights | None, result: GenerationResult,
+                 y: mx.array, text_mask: mx.array, request: GenerationRequest, progress: bool) -> mx.array:
         batch = y.shape[0]
-        latent_t, latent_h, latent_w = self.latent_size(frames, height, width)
+        latent_t, latent_h, latent_w = self.latent_size(request.num_frames, request.height, request.width)
         z = mx.random.normal((batch, 4, latent_t, latent_h, latent_w), key=mx.random.key(result.seed))
         result.latent_shape = tuple(z.shape)
-        model = self._model("stdit3")
-        cond = [mx.array([v] * batch, dtype=self.dtype) for v in (height, width, frames)]
-        fps_cond = mx.array([fps if frames > 1 else IMG_FPS] * batch, dtype=self.dtype)
-        y_in = mx.concatenate([y.astype(self.dtype), model.null_caption(batch).astype(self.dtype)], axis=0)
+        dtype = self.dtype
+        cond = [mx.array([v] * batch, dtype=dtype) for v in (request.height, request.width, request.num_frames)]
+        fps_cond = mx.array([request.fps if request.num_frames > 1 else IMG_FPS] * batch, dtype=dtype)
+        if weights is not None:
+            weights.materialize("embedders")  # the null caption (y_embedding) is one of its weights
+        y_in = mx.concatenate([y.astype(dtype), model.null_caption(batch).astype(dtype)], axis=0)
+        config = request.sampler
         timesteps = sampling_timesteps(config.num_steps, batch, *cond,
                                        use_discrete_timesteps=config.use_discrete_timesteps)
 
         def denoise(z_in: mx.array, t_in: mx.array, merge: bool) -> mx.array:
-            inputs = dict(x=z_in.astype(self.dtype), timestep=t_in, y=y_in, mask=text_mask, fps=fps_cond,
+            inputs = dict(x=z_in.astype(dtype), timestep=t_in, y=y_in, mask=text_mask, fps=fps_cond,
                           height=cond[0], width=cond[1], merge=merge)
-            return run_units(model.units, inputs, evaluate=True)
+            return run_units(model.units, inputs, weights, evaluate=True)
 
         bar = tqdm(total=config.num_steps, desc=f"denoising (seed {result.seed})", disable=not progress, leave=False)
         for z, info in iterate_sampling(denoise, z, timesteps, config, result.sampling):
             bar.update(config.num_steps - bar.n if info.leapt else 1)
         bar.close()
         if not mx.isfinite(z).all().item():
-            raise FloatingPointError(
-                "sampling produced non-finite latents (NaN/inf); with float16 compute try "
-                "--dtype bfloat16 or float32"
-            )
+            hint = ("float16 overflows easily: try --dtype bfloat16 or float32" if dtype == mx.float16 else
+                    "the weights may be corrupt (convert them again) or --cfg-scale extreme")
+            raise FloatingPointError(f"sampling produced non-finite latents (NaN/inf) with {dtype} compute; {hint}")
         return z
 
-    def _decode(self, z: mx.array, frames: int, progress: bool) -> list[np.ndarray]:
-        vae = self._model("vae")
+    def _decode(self, vae: nn.Module, weights: StreamingWeights | None, z: mx.array, frames: int,
+                progress: bool) -> list[np.ndarray]:
         chunks = []
-        for chunk in tqdm(vae.decode_chunks(z.astype(self.dtype), num_frames=frames), desc="decoding",
-                          disable=not progress, leave=False):
+        pieces = vae.decode_chunks(z.astype(self.dtype), num_frames=frames, weights=weights)
+        for chunk in tqdm(pieces, desc="decoding", disable=not progress, leave=False):
             chunks.append(np.array(chunk.astype(mx.float32)))
         video = np.concatenate(chunks, axis=2)  # [B, 3, T, H, W]
         return [to_uint8_frames(v) for v in video]
 
-    def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
-        """Latent (T, H, W) of a video size, from the VAE's config (building it allocates nothing)."""
-        if self._latent_sizer is None:
-            config = read_converted_config(self.components["vae"])
-            self._latent_sizer = family_for_type("vae").build(config)
-        return tuple(self._latent_sizer.get_latent_size((frames, height, width)))
+
+__all__ = ["GenerationResult", "Pipeline"]

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError, describe_os_error
+from .fsutil import apply_umask
+
 
 def to_uint8_frames(video: np.ndarray) -> np.ndarray:
     """[3, T, H, W] float in [-1, 1] -> [T, H, W, 3] uint8, rounded as the reference ``save_sample``."""
@@ -28,20 +31,22 @@ def pad_to_even(frames: np.ndarray) -> np.ndarray:
 
 
 def check_writable(path: str | Path) -> Path:
-    """Fail early (before any heavy work) when the output cannot be written."""
+    """Fail early (before any heavy work) when the output cannot be written; creates nothing."""
     path = Path(path)
     if path.suffix.lower() != ".mp4":
-        raise ValueError(f"output {path} must end in .mp4")
-    folder = path.parent if str(path.parent) else Path(".")
+        raise UserError(f"--output {path} must end in .mp4")
     if path.is_dir():
-        raise ValueError(f"output {path} is a folder; give a file name ending in .mp4")
-    if not folder.exists():
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"cannot create the output folder {folder}: {e}") from e
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"output folder {folder} is not writable")
+        raise UserError(f"--output {path} is a folder; give a file name ending in .mp4")
+    ancestor = path.parent if str(path.parent) else Path(".")
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--output {path}: {ancestor} is a file, not a folder")
+    try:  # a real probe: permission bits do not tell for root, read-only mounts or /proc
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as e:
+        raise UserError(f"--output {path}: cannot write in {ancestor} ({e.strerror or e})") from e
     return path
 
 
@@ -53,6 +58,10 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -> 
     import av
 
     path = check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(describe_os_error(e, f"create the output folder {path.parent}")) from e
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected [T, H, W, 3] uint8 frames, got {frames.dtype} {frames.shape}")
     if fps <= 0:
@@ -61,6 +70,7 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -> 
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4.part", dir=path.parent)
     os.close(fd)
     try:
+        apply_umask(tmp_name, directory=False)  # mkstemp makes 0600; a video is shared like any file
         with av.open(tmp_name, mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = frames.shape[2], frames.shape[1]

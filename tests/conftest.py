@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 from pathlib import Path
 
@@ -63,3 +64,36 @@ def build_tiny_model_folder(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_folder(tmp_path_factory) -> Path:
     return build_tiny_model_folder(tmp_path_factory.mktemp("tiny_opensora"))
+
+
+HEADROOM = 1 << 30  # what a capped test may allocate beyond the process's current address space
+
+
+def address_space() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@pytest.fixture
+def memory_cap():
+    """Cap the address space at its current size + 1 GiB for the test (Linux; elsewhere no cap), so
+    that an unbounded allocation fails the test instead of the machine."""
+    current = address_space()
+    if current is None:
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = current + HEADROOM
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

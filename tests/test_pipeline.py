@@ -7,7 +7,7 @@ import pytest
 
 from mlx_sora import Pipeline
 from mlx_sora.checkpoint import CheckpointError
-from mlx_sora.pipeline import find_components
+from mlx_sora.registry import find_components
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def test_seeds_lpl_and_batches(pipe):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"resolution": "999p"}, "unknown resolution"),
-        ({"aspect_ratio": "2:1"}, "unknown aspect ratio"),
+        ({"resolution": "999p"}, "is unknown"),
+        ({"aspect_ratio": "2:1"}, "is not a 240p bucket"),
         ({"num_frames": 0}, "at least 1"),
         ({"num_frames": "3 seconds"}, "preset"),
         ({"steps": 0}, "steps"),
@@ -80,7 +80,7 @@ def test_incomplete_model_folder(tmp_path, tiny_model_folder):
 
 
 def test_preset_download_failure_names_the_command(tmp_path, monkeypatch):
-    from mlx_sora.pipeline import prepare_preset
+    from mlx_sora.registry import prepare_preset
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the download fails at once
     with pytest.raises(CheckpointError) as info:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import av
 import numpy as np
 import pytest
@@ -74,3 +76,13 @@ def test_bad_output_paths(tmp_path, name, message):
     target = tmp_path / (name if name != "sub" else "sub.mp4")
     with pytest.raises(ValueError, match=message):
         write_mp4(target, np.zeros((1, 8, 8, 3), dtype=np.uint8), fps=24)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o002, 0o664), (0o077, 0o600)])
+def test_mp4_mode_follows_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)  # mkstemp alone would give 0o600 whatever the umask
+    try:
+        path = write_mp4(tmp_path / "v.mp4", np.zeros((1, 8, 8, 3), dtype=np.uint8), fps=24)
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == mode

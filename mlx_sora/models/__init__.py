@@ -42,6 +42,8 @@ class ModelFamily:
     """Non-weight files copied into the converted folder (e.g. the tokenizer)."""
     keep_float32: Callable[[str], bool] = field(default=lambda key: False)
     """Parameters that stay float32 whatever the storage dtype (e.g. small buffers)."""
+    quantizable: Callable[[str], bool] = field(default=lambda path: False)
+    """Module paths whose linear layers may be stored quantized (``--quantize``)."""
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

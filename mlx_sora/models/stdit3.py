@@ -30,9 +30,11 @@ import numpy as np
 
 from ..checkpoint import CheckpointError
 from . import ModelFamily, register_family
+from .config_checks import require_int, require_ints, require_number
 from .units import Unit, attach_units, run_units
 from .stdit3_layers import (
     CaptionEmbedder,
+    CaptionKeys,
     PatchEmbed3D,
     STDiT3Block,
     T2IFinalLayer,
@@ -76,21 +78,23 @@ class STDiT3Config:
     skip_y_embedder: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
-        object.__setattr__(self, "input_size", tuple(self.input_size))
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be three positive ints (t, h, w), got {self.patch_size}")
-        for name in ("depth", "hidden_size", "num_heads", "in_channels", "caption_channels", "model_max_length", "input_sq_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not isinstance(self.patch_size, (list, tuple)) or len(self.patch_size) != 3:
+            raise ValueError(f"STDiT3Config.patch_size must be three positive ints (t, h, w), got {self.patch_size!r}")
+        require_ints("STDiT3Config", "patch_size", self.patch_size, 1, 64)
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        object.__setattr__(self, "input_size", tuple(self.input_size) if isinstance(self.input_size, (list, tuple))
+                           else (None, None, None))
+        limits = {"depth": 256, "hidden_size": 2**15, "num_heads": 1024, "in_channels": 1024,
+                  "caption_channels": 2**16, "model_max_length": 2**14, "input_sq_size": 2**16}
+        for name, high in limits.items():
+            require_int("STDiT3Config", name, getattr(self, name), 1, high)
+        require_number("STDiT3Config", "mlp_ratio", self.mlp_ratio, high=64, positive=True)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for the temporal RoPE")
         if self.hidden_size % 4:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos position embedding)")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.skip_y_embedder:
             raise ValueError("skip_y_embedder=True (captions given already projected) is not supported; "
                              "the released checkpoints use skip_y_embedder=False")
@@ -119,7 +123,7 @@ class STDiT3State:
     t: mx.array  # [B, C]: timestep + fps embedding (modulates the final layer)
     t_mlp: mx.array  # [B, 6C]: adaLN-single modulation of the blocks
     y: mx.array  # [B, L, C]: projected caption
-    key_mask: mx.array | None  # [B, 1, 1, L] bool: valid caption tokens per sample
+    key_mask: CaptionKeys | None  # the caption tokens each sample attends to (None: all of them)
     x_mask: mx.array | None = None  # [B, T] bool: False frames use the t=0 modulation
     t0: mx.array | None = None
     t0_mlp: mx.array | None = None
@@ -128,7 +132,8 @@ class STDiT3State:
     merge: bool = False  # TDTM
 
     def arrays(self) -> list[mx.array]:
-        return [a for a in (self.t, self.t_mlp, self.y, self.key_mask, self.x_mask, self.t0, self.t0_mlp) if a is not None]
+        keys = self.key_mask.arrays() if self.key_mask is not None else []
+        return [a for a in (self.t, self.t_mlp, self.y, *keys, self.x_mask, self.t0, self.t0_mlp) if a is not None]
 
 
 _EMBEDDERS = ("x_embedder", "t_embedder", "fps_embedder", "t_block", "y_embedder")
@@ -178,6 +183,19 @@ class STDiT3(nn.Module):
         for block in (self.spatial_blocks[index], self.temporal_blocks[index]):
             x = block(x, state.y, state.t_mlp, state.key_mask, state.x_mask, state.t0_mlp, state.merge)
         return x, state
+
+    def activation_bytes(self, batch: int, latent_size: tuple[int, int, int], caption_len: int) -> int:
+        """Estimated peak memory of the activations of one block unit for latents [batch, C, T, H, W].
+
+        Measured (float32, XL/2, batch 2): ~26-28x the token tensor [B, T, S, C] (the MLP's hidden
+        states and their GELU temporaries dominate), or the cross-attention scores when the caption
+        is long."""
+        c, itemsize = self.config, self.compute_dtype.size
+        t, h, w = (-(-n // p) for n, p in zip(latent_size, c.patch_size))
+        tokens = batch * t * h * w
+        hidden = tokens * c.hidden_size * itemsize
+        cross = 2 * tokens * c.num_heads * caption_len * itemsize
+        return max(30 * hidden, 8 * hidden + cross)
 
     def null_caption(self, batch: int) -> mx.array:
         """The classifier-free-guidance null caption [batch, 1, L, C_caption] (``y_embedding``)."""
@@ -256,10 +274,10 @@ class STDiT3(nn.Module):
             mask = _as_array(mask, "mask")
             if mask.ndim != 2 or mask.shape[1] != y.shape[1]:
                 raise ValueError(f"mask must be [B, {y.shape[1]}] (1 = valid caption token), got {tuple(mask.shape)}")
-            mask = _repeat_rows(mask != 0, batch, "mask")
-            if not mx.all(mx.any(mask, axis=1)).item():
+            mask = np.array(_repeat_rows(mask != 0, batch, "mask"))
+            if not mask.any(axis=1).all():
                 raise ValueError("every sample needs at least one valid caption token (a mask row is all zero)")
-            key_mask = mask[:, None, None, :]
+            key_mask = CaptionKeys.from_mask(mask)  # cross-attention reads only tokens some sample attends to
 
         # === patches
         tokens = self.x_embedder(x.transpose(0, 2, 3, 4, 1)).reshape(batch, n_t, s, c.hidden_size)
@@ -347,5 +365,7 @@ FAMILY = register_family(
         build=_build,
         transform=_transform,
         hf_allow_patterns=("config.json", "*.safetensors"),
+        # the blocks' linear layers; the embedders and the final layer stay in full precision
+        quantizable=lambda path: path.startswith(("spatial_blocks.", "temporal_blocks.")),
     )
 )

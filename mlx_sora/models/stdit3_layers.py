@@ -13,19 +13,28 @@ averaged, attention runs on T//2 frames and its result is repeated for both fram
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import fast_ops
+
 LAYER_NORM_EPS = 1e-6
 QK_NORM_EPS = 1e-6
 ROPE_THETA = 10000.0
 
 
+@mx.compile
 def t2i_modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
     return x * (1 + scale) + shift
+
+
+@mx.compile
+def gated_residual(x: mx.array, gate: mx.array, branch: mx.array) -> mx.array:
+    return x + gate * branch
 
 
 # ------------------------------------------------------------------------------ embedders
@@ -78,7 +87,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu_approx(self.fc1(x)))
+        return self.fc2(fast_ops.gelu_tanh(self.fc1(x)))
 
 
 class CaptionEmbedder(nn.Module):
@@ -181,9 +190,41 @@ class Attention(nn.Module):
         if self.rope:
             q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0, offset=0, freqs=self._rope_periods)
             k = mx.fast.rope(k, self.head_dim, traditional=True, base=None, scale=1.0, offset=0, freqs=self._rope_periods)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = fast_ops.attention(q, k, v, scale=self.scale)
         out = out.transpose(0, 2, 1, 3).reshape(*lead, n, c)
         return self.proj(out)
+
+
+@dataclass(frozen=True)
+class CaptionKeys:
+    """The caption tokens cross-attention reads, and which sample reads which.
+
+    ``index`` [L'] holds the positions (in the padded caption of L tokens) that at least one sample
+    attends to, None for all L; ``mask`` [B, 1, 1, L'] bool says which of them each sample attends
+    to, None when every sample attends to all of them. The reference packs each sample's valid
+    tokens and uses an xformers block-diagonal mask; leaving out keys that no sample attends to
+    (exp(-inf) = 0 weights) computes the same attention, with L' instead of L keys (a 300-token
+    padded prompt usually has a few dozen valid ones).
+    """
+
+    index: mx.array | None
+    mask: mx.array | None
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> "CaptionKeys":
+        """From the valid-token mask [B, L] (True = valid), already checked on the host."""
+        mask = np.asarray(mask, dtype=bool)
+        used = np.flatnonzero(mask.any(axis=0))
+        index = None if used.size == mask.shape[1] else mx.array(used.astype(np.int32))
+        packed = mask[:, used]
+        return cls(index=index, mask=None if packed.all() else mx.array(packed)[:, None, None, :])
+
+    def select(self, y: mx.array) -> mx.array:
+        """The attended tokens of the projected caption y [B, L, C] -> [B, L', C]."""
+        return y if self.index is None else mx.take(y, self.index, axis=1)
+
+    def arrays(self) -> list[mx.array]:
+        return [a for a in (self.index, self.mask) if a is not None]
 
 
 class MultiHeadCrossAttention(nn.Module):
@@ -201,12 +242,15 @@ class MultiHeadCrossAttention(nn.Module):
         self.kv_linear = nn.Linear(d_model, d_model * 2)
         self.proj = nn.Linear(d_model, d_model)
 
-    def __call__(self, x: mx.array, cond: mx.array, key_mask: mx.array | None) -> mx.array:
-        """x [B, N, C], cond [B, L, C], key_mask [B, 1, 1, L] bool (True = valid) or None."""
+    def __call__(self, x: mx.array, cond: mx.array, key_mask: "mx.array | CaptionKeys | None") -> mx.array:
+        """x [B, N, C], cond [B, L, C]; key_mask [B, 1, 1, L] bool (True = valid), a ``CaptionKeys``
+        (only its tokens are projected and attended to) or None (all tokens valid)."""
+        if isinstance(key_mask, CaptionKeys):
+            cond, key_mask = key_mask.select(cond), key_mask.mask
         b, n, c = x.shape
         q = self.q_linear(x).reshape(b, n, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         kv = self.kv_linear(cond).reshape(b, -1, 2, self.num_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        out = mx.fast.scaled_dot_product_attention(q, kv[0], kv[1], scale=self.head_dim**-0.5, mask=key_mask)
+        out = fast_ops.attention(q, kv[0], kv[1], scale=self.head_dim**-0.5, mask=key_mask)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, c))
 
 
@@ -280,7 +324,7 @@ class STDiT3Block(nn.Module):
             out = self.attn(x)
         return unmerge_frames(out, t) if merge else out.reshape(b, tm, s, c)
 
-    def cross_attention(self, x: mx.array, y: mx.array, key_mask: mx.array | None, merge: bool) -> mx.array:
+    def cross_attention(self, x: mx.array, y: mx.array, key_mask: "mx.array | CaptionKeys | None", merge: bool) -> mx.array:
         b, t, s, c = x.shape
         if merge:  # the reference merges the residual stream itself (no norm on this branch)
             x = merge_frames(x)
@@ -293,19 +337,20 @@ class STDiT3Block(nn.Module):
         x: mx.array,
         y: mx.array,
         t_mlp: mx.array,
-        key_mask: mx.array | None = None,
+        key_mask: "mx.array | CaptionKeys | None" = None,
         x_mask: mx.array | None = None,
         t0_mlp: mx.array | None = None,
         merge: bool = False,
     ) -> mx.array:
-        """x [B, T, S, C]; y [B, L, C] projected caption; ``merge`` turns TDTM on (needs T >= 2)."""
+        """x [B, T, S, C]; y [B, L, C] projected caption; key_mask as ``MultiHeadCrossAttention``;
+        ``merge`` turns TDTM on (needs T >= 2)."""
         merge = merge and x.shape[1] >= 2  # a single frame has no pair to merge
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_mlp, x_mask, t0_mlp)
         x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
-        x = x + gate_msa * self.self_attention(x_m, merge)
+        x = gated_residual(x, gate_msa, self.self_attention(x_m, merge))
         x = x + self.cross_attention(x, y, key_mask, merge)
         x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)
-        return x + gate_mlp * self.mlp(x_m)
+        return gated_residual(x, gate_mlp, self.mlp(x_m))
 
 
 class T2IFinalLayer(nn.Module):

@@ -29,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import ModelFamily, register_family
+from .config_checks import require_int, require_number
 from .units import Unit, WeightPolicy, attach_units, run_units
 from .vae_spatial import KNOWN_SPATIAL_VAES, AutoencoderKL, AutoencoderKLConfig
 from .vae_temporal import VAE_TEMPORAL_SD_CONFIG, VAE_Temporal, VAETemporalConfig
@@ -75,9 +76,9 @@ class VideoAutoencoderConfig:
             if n not in (1, latent):
                 raise ValueError(f"VAE config: {name} has {n} values; need 1 or {latent} (one per latent channel)")
         for name in ("micro_frame_size", "micro_batch_size"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"VAE config: {name} must be >= 1 or None, got {v}")
+            if getattr(self, name) is not None:
+                require_int("VAE config", name, getattr(self, name), 1, 4096)
+        require_number("VAE config", "spatial_scaling_factor", self.spatial_scaling_factor, positive=True)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -213,6 +214,29 @@ class OpenSoraVAE(nn.Module):
             return latent_frames * factor
         full, rest = divmod(latent_frames, self.micro_z_frame_size)
         return full * self.micro_frame_size + rest * factor
+
+    # ------------------------------------------------------------------ memory
+
+    # Peak activation memory per pixel, measured at float32 on the released architecture (CPU):
+    # the temporal decoder per latent pixel of one 5-frame chunk, the spatial decoder per output
+    # pixel of one frame (im2col buffers of the 3x3 convs at full resolution dominate).
+    TEMPORAL_BYTES_PER_LATENT_PIXEL = 1.6e6
+    SPATIAL_BYTES_PER_PIXEL = 3.2e4
+
+    def decode_activation_bytes(self, batch: int, latent_h: int, latent_w: int) -> int:
+        """Estimated peak of the decoding activations with the current micro-batch and tiling."""
+        config, itemsize_ratio = self.config, self.compute_dtype.size / 4
+        temporal_width = config.temporal_vae.filters * max(config.temporal_vae.channel_multipliers) / 512
+        temporal = self.TEMPORAL_BYTES_PER_LATENT_PIXEL * temporal_width * batch * latent_h * latent_w
+        f = self.spatial_factor
+        if self.tiling and max(latent_h, latent_w) > self.tile_size:
+            tile_h, tile_w = min(self.tile_size, latent_h), min(self.tile_size, latent_w)
+        else:
+            tile_h, tile_w = latent_h, latent_w
+        images = self.micro_batch_size or batch * (self.micro_frame_size or 17)
+        spatial_width = max(config.spatial_vae.block_out_channels) / 512
+        spatial = self.SPATIAL_BYTES_PER_PIXEL * spatial_width * images * (f * tile_h) * (f * tile_w)
+        return int(itemsize_ratio * max(temporal, spatial))
 
     # ------------------------------------------------------------------ decoding
 
@@ -406,7 +430,10 @@ def _temporal_config(hf_config: dict) -> dict[str, Any]:
 
 
 def _floats(value: Any) -> tuple[float, ...]:
-    return tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),)
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        require_number("VAE config", "shift/scale", v)
+    return tuple(float(v) for v in values)
 
 
 def _config_from_hf(hf_config: dict, checkpoint) -> dict:

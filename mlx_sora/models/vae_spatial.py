@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config_checks import require_int, require_ints
+
 # The spatial VAE of hpcai-tech/OpenSora-VAE-v1.2 is loaded by the reference from
 # "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers" (subfolder "vae"): the SDXL VAE. Its config.json:
 SDXL_VAE_CONFIG: dict[str, Any] = {
@@ -72,15 +74,20 @@ class AutoencoderKLConfig:
         values = {k: v for k, v in config.items() if k in known}
         for key in ("down_block_types", "up_block_types", "block_out_channels"):
             if key in values:
+                if not isinstance(values[key], (list, tuple)):
+                    raise ValueError(f"AutoencoderKL config: {key} must be a list, got {values[key]!r}")
                 values[key] = tuple(values[key])
-        if isinstance(values.get("sample_size"), (list, tuple)):
-            values["sample_size"] = int(values["sample_size"][0])
+        if isinstance(values.get("sample_size"), (list, tuple)) and values["sample_size"]:
+            values["sample_size"] = values["sample_size"][0]
         return cls(**values)
 
     def __post_init__(self) -> None:
+        owner = "AutoencoderKL config"
+        require_ints(owner, "block_out_channels", self.block_out_channels, 1, 4096, max_len=8)
+        for name, high in (("in_channels", 64), ("out_channels", 64), ("layers_per_block", 16),
+                           ("latent_channels", 64), ("norm_num_groups", 1024)):
+            require_int(owner, name, getattr(self, name), 1, high)
         n = len(self.block_out_channels)
-        if n == 0:
-            raise ValueError("AutoencoderKL config: block_out_channels is empty")
         if set(self.down_block_types) != {"DownEncoderBlock2D"} or len(self.down_block_types) != n:
             raise ValueError(
                 f"AutoencoderKL config: down_block_types must be {n} x 'DownEncoderBlock2D', "

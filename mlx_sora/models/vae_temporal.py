@@ -23,6 +23,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from .config_checks import require_int, require_ints
 from .vae_spatial import GroupNorm
 
 TORCH_GROUPNORM_EPS = 1e-5  # the reference uses nn.GroupNorm's default eps
@@ -59,13 +60,21 @@ class VAETemporalConfig:
     def from_dict(cls, config: dict[str, Any]) -> "VAETemporalConfig":
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in config.items() if k in known}
-        if "channel_multipliers" in values:
-            values["channel_multipliers"] = tuple(int(m) for m in values["channel_multipliers"])
-        if "temporal_downsample" in values:
-            values["temporal_downsample"] = tuple(bool(t) for t in values["temporal_downsample"])
+        for key in ("channel_multipliers", "temporal_downsample"):
+            if key in values:
+                if not isinstance(values[key], (list, tuple)):
+                    raise ValueError(f"VAE_Temporal config: {key} must be a list, got {values[key]!r}")
+                values[key] = tuple(values[key])
         return cls(**values)
 
     def __post_init__(self) -> None:
+        owner = "VAE_Temporal config"
+        for name, high in (("in_out_channels", 64), ("latent_embed_dim", 64), ("embed_dim", 64), ("filters", 4096),
+                           ("num_res_blocks", 16), ("num_groups", 1024)):
+            require_int(owner, name, getattr(self, name), 1, high)
+        require_ints(owner, "channel_multipliers", self.channel_multipliers, 1, 64, max_len=8)
+        if not all(isinstance(t, bool) for t in self.temporal_downsample):
+            raise ValueError(f"{owner}: temporal_downsample must hold true/false values, got {self.temporal_downsample}")
         if len(self.temporal_downsample) != len(self.channel_multipliers) - 1:
             raise ValueError(
                 f"VAE_Temporal config: temporal_downsample {self.temporal_downsample} needs "
