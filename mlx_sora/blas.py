@@ -88,15 +88,21 @@ def ensure_fast_cpu_blas(quiet: bool = False) -> None:
         return
     found = fast_blas_library()
     if found is None:
-        print("note: MLX on this Linux CPU uses a slow reference BLAS; `apt-get install "
-              "libopenblas0-pthread` (or `pip install mkl`) makes generation ~15x faster (used automatically).",
-              file=sys.stderr)
+        print(
+            "note: MLX on this Linux CPU uses a slow reference BLAS; `apt-get install "
+            "libopenblas0-pthread` (or `pip install mkl`) makes generation ~15x faster (used automatically).",
+            file=sys.stderr,
+        )
         return
     kind, path = found
     env = fast_blas_env()
     env[_REEXEC_FLAG] = "1"
     if not quiet:
-        hint = "" if kind == "OpenBLAS" else " (`apt-get install libopenblas0-pthread` is ~10% faster, used first)"
+        hint = (
+            ""
+            if kind == "OpenBLAS"
+            else " (`apt-get install libopenblas0-pthread` is ~10% faster, used first)"
+        )
         print(f"note: restarting with {kind} ({path}) for fast CPU matmul{hint}", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -52,6 +52,12 @@ VAE_SETTINGS: tuple[tuple[int | None, tuple[int, int] | None], ...] = (
 )
 
 
+# Process memory a run adds beyond MLX's own allocations and what is resident at planning time:
+# worker-thread stacks and malloc arenas, compiled kernels, Python objects (measured with
+# scripts/bench_memory.py: max RSS minus MLX peak minus the planning-time RSS).
+RUNTIME_OVERHEAD = 160 * 2**20
+
+
 def default_compute_dtype() -> mx.Dtype:
     """float32 on CPU (MLX's CPU bf16 matmul is slow), bfloat16 on a GPU."""
     return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
@@ -164,7 +170,7 @@ class Pipeline:
     def plan(self, request: GenerationRequest) -> list[_Phase]:
         """Plan the three phases for a request (raises MemoryBudgetError before any heavy work)."""
         batch = len(request.texts)
-        baseline = process_rss()
+        baseline = process_rss() + RUNTIME_OVERHEAD
         budget = self.memory_budget
         what = f" at {request.height}x{request.width}, {request.num_frames} frames"
         t5, stdit, vae = (self._skeletons[c] for c in ("text_encoder", "stdit3", "vae"))
@@ -229,8 +235,8 @@ class Pipeline:
         else:
             model = load_model(folder, dtype=self.dtype, lazy=True)
             weights = StreamingWeights(model, folder, phase.plan, self.dtype, cyclic=cyclic)
-            # freed buffers beyond about one streamed unit go back to the system
-            mx.set_cache_limit(max(phase.plan.stream_buffer_bytes, 64 * 2**20))
+            # MLX keeps freed buffers for reuse; only as many as the budget leaves room for
+            mx.set_cache_limit(max(0, phase.plan.budget - phase.plan.expected_peak))
         try:
             if weights is not None:
                 weights.materialize_resident()

@@ -10,6 +10,10 @@ the real 24 layers (embedding, bias and final norm are a negligible part of the 
         python scripts/bench_t5.py --layers 4
 
 (on Linux, MLX's bundled CPU BLAS is ~15x slower than OpenBLAS for float32 matmuls).
+
+Both frameworks run in this one process, so torch also gets the preloaded OpenBLAS (which slows it
+down); ``scripts/bench_vs_torch.py --parts t5`` runs each side in its own process, as its users
+would.
 """
 
 from __future__ import annotations

@@ -1,21 +1,26 @@
-"""Fast elementwise kernels for MLX's CPU backend, exact reformulations of the functions they replace.
+"""Fast CPU kernels for MLX: exact reformulations of the functions and layers they replace.
 
-Why: on Linux/x86 MLX evaluates transcendental ops (exp, tanh, sigmoid) one scalar libm call per
-element on one thread (~15 ns each: a tanh-GELU on [1440, 4608] took 0.23 s, torch 0.011 s), while
-additions and multiplications run vectorized, and ``mx.compile`` fuses chains of them into one
-vectorized loop. So here exp and tanh are written with additions, multiplications, one division and
-integer bit operations only, compiled into fused kernels:
+Why: on Linux/x86 MLX evaluates transcendental ops (exp, tanh, sigmoid) with one scalar libm call
+per element on one thread (a tanh-GELU on [1440, 4608] took 0.23 s, torch 0.011 s), while additions
+and multiplications run vectorized, and ``mx.compile`` fuses chains of them into one vectorized
+loop (at most 11 levels deep, one output, no ``maximum``/``minimum``: those branch on NaN). So exp
+and tanh are written here with multiplications, additions, one division, selects and integer bit
+operations only, in compiled kernels of that shape:
 
-* ``exp``: range reduction ``x = n ln2 + r`` (round-to-nearest by the 1.5 * 2^23 trick, no ``floor``
-  call) and the Cephes ``expf`` polynomial; max relative error 1.2e-7 (MLX's CPU exp: ~2 ulp).
-* ``tanh`` (for the tanh-GELU): the rational minimax approximation that Eigen and XLA use for float32
-  (odd degree-13 / even degree-6), clamped at |x| = 7.9053 where it reaches 1; max error ~6 ulp of 1.
+* ``exp``: range reduction ``x = n ln2 + r`` (rounding by the 1.5 * 2^23 trick, no ``floor`` call)
+  and the Cephes ``expf`` polynomial; max relative error 1.2e-7 (MLX's CPU exp: ~2.4e-7).
+* ``gelu_tanh``: tanh by the rational minimax approximation that Eigen and XLA use for float32 (odd
+  degree 13 / even degree 6), clamped at |x| = 7.9053 where it reaches 1; within ~6 ulp of 1.
+* ``silu``: x / (1 + exp(-x)) with the fast exp; max relative error 1.4e-7.
 * ``softmax`` / ``attention``: ``exp(s - max)`` with the fast exp; ``attention`` divides by the row
-  sums after the product with V (a [N, d] instead of an [N, N] division; the same function).
+  sums after the product with V (an [N, d] instead of an [N, N] division; the same function).
+* ``conv_by_taps``: stride-1 convolutions as one matrix product per kernel tap on a flattened
+  padded input, instead of MLX's single-threaded im2col copy.
 
-On a GPU these functions fall back to MLX's own fused kernels (``nn.gelu_approx``,
-``mx.fast.scaled_dot_product_attention``), which are already fast there: nothing changes on
-Metal/CUDA. ``fast_cpu()`` is the switch; set ``MLX_SORA_FAST_OPS=0`` to use MLX's ops on CPU too.
+Off the CPU these functions use MLX's own kernels (``nn.gelu_approx``, ``nn.silu``,
+``mx.fast.scaled_dot_product_attention``, ``nn.Conv*``), which are fused and fast on Metal/CUDA:
+nothing changes there. ``fast_cpu()`` is the switch; ``MLX_SORA_FAST_OPS=0`` turns these kernels
+off on the CPU too.
 """
 
 from __future__ import annotations
@@ -31,13 +36,26 @@ _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693359375  # ln 2 = _LN2_HI - _LN2_LO, split so that n * _LN2_HI is exact (Cephes)
 _LN2_LO = 2.12194440e-4
 _ROUND = 12582912.0  # 1.5 * 2**23: (t + _ROUND) - _ROUND rounds t to the nearest integer (|t| < 2**22)
-_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
-             5.0000001201e-1)
+_EXP_POLY = (
+    1.9875691500e-4,
+    1.3981999507e-3,
+    8.3334519073e-3,
+    4.1665795894e-2,
+    1.6666665459e-1,
+    5.0000001201e-1,
+)
 
 # Eigen's ptanh_float (also XLA's): tanh(x) = x * P(x^2) / Q(x^2) on [-7.9053, 7.9053]
 _TANH_CLAMP = 7.90531110763549805
-_TANH_P = (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05, 5.12229709037114e-08,
-           -8.60467152213735e-11, 2.00018790482477e-13, -2.76076847742355e-16)
+_TANH_P = (
+    4.89352455891786e-03,
+    6.37261928875436e-04,
+    1.48572235717979e-05,
+    5.12229709037114e-08,
+    -8.60467152213735e-11,
+    2.00018790482477e-13,
+    -2.76076847742355e-16,
+)
 _TANH_Q = (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04, 1.19825839466702e-06)
 _GELU_K = math.sqrt(2.0 / math.pi)
 
@@ -47,7 +65,16 @@ def fast_cpu() -> bool:
     return mx.default_device() == mx.cpu and os.environ.get("MLX_SORA_FAST_OPS", "1") != "0"
 
 
-def _poly(x: mx.array, c: tuple[float, ...], x2: mx.array | None = None, x4: mx.array | None = None) -> mx.array:
+def _clamp(x: mx.array, low: float, high: float) -> mx.array:
+    """``mx.clip`` as two selects: MLX's maximum/minimum branch on NaN, which keeps the compiler from
+    vectorizing a fused kernel (NaN stays NaN here too)."""
+    x = mx.where(x < low, low, x)
+    return mx.where(x > high, high, x)
+
+
+def _poly(
+    x: mx.array, c: tuple[float, ...], x2: mx.array | None = None, x4: mx.array | None = None
+) -> mx.array:
     """sum c_i x^i (c lowest degree first, 4 to 7 of them) in Estrin's form: a shallow graph, because
     ``mx.compile`` fuses at most 11 levels of operations into one kernel."""
     x2 = x * x if x2 is None else x2
@@ -65,7 +92,7 @@ def _poly(x: mx.array, c: tuple[float, ...], x2: mx.array | None = None, x4: mx.
 
 def _exp_exponent(x: mx.array) -> mx.array:
     """n = round(x / ln2) of the clipped x, as float32."""
-    x = mx.clip(x, -88.0, 88.0)  # below -87.68: n = -127, 2^n's bits are 0, exp = 0
+    x = _clamp(x, -88.0, 88.0)  # below -87.68: n = -127, 2^n's bits are 0, exp = 0
     return (x * _LOG2E + _ROUND) - _ROUND
 
 
@@ -81,7 +108,7 @@ def _exp_scale_bits(x: mx.array) -> mx.array:
 def _exp_remainder(x: mx.array) -> mx.array:
     """r = x - n ln2 (|r| <= ln2 / 2), n recomputed exactly as in ``_exp_scale_bits``."""
     n = _exp_exponent(x)
-    return (mx.clip(x, -88.0, 88.0) - n * _LN2_HI) + n * _LN2_LO
+    return (_clamp(x, -88.0, 88.0) - n * _LN2_HI) + n * _LN2_LO
 
 
 @mx.compile
@@ -90,11 +117,22 @@ def _exp_finish(r: mx.array, two_n: mx.array) -> mx.array:
     return (_poly(r, _EXP_POLY[::-1], r2) * r2 + r + 1.0) * two_n
 
 
+# The bit pattern of 2^n goes through ``mx.view``, which has no VJP in MLX: the kernels get theirs.
+@mx.custom_function
+def _fast_exp(x: mx.array) -> mx.array:
+    return _exp_finish(_exp_remainder(x), mx.view(_exp_scale_bits(x), mx.float32))
+
+
+@_fast_exp.vjp
+def _fast_exp_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
+    return cotangent * output
+
+
 def exp(x: mx.array) -> mx.array:
-    """float32 exp (fast CPU kernel; ``mx.exp`` for other dtypes or off the CPU)."""
+    """float32 exp (fast CPU kernel; ``mx.exp`` for other dtypes or off the CPU). Differentiable."""
     if x.dtype != mx.float32 or not fast_cpu():
         return mx.exp(x)
-    return _exp_finish(_exp_remainder(x), mx.view(_exp_scale_bits(x), mx.float32))
+    return _fast_exp(x)
 
 
 # ------------------------------------------------------------------------------ softmax, attention
@@ -127,7 +165,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
             scores = mx.where(mask, scores, mx.array(-mx.inf, mx.float32))
         else:
             scores = scores + mask.astype(mx.float32)
-    e = exp(scores - scores.max(axis=-1, keepdims=True))
+    e = exp(scores - mx.stop_gradient(scores.max(axis=-1, keepdims=True)))
     out = e.astype(dtype) @ v
     return (out / e.sum(axis=-1, keepdims=True).astype(dtype)).astype(dtype)
 
@@ -138,7 +176,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.arra
 @mx.compile
 def _gelu_argument(x: mx.array) -> mx.array:
     u = _GELU_K * (x + 0.044715 * (x * x * x))
-    return mx.clip(u, -_TANH_CLAMP, _TANH_CLAMP)
+    return _clamp(u, -_TANH_CLAMP, _TANH_CLAMP)
 
 
 @mx.compile
@@ -167,8 +205,9 @@ def gelu_tanh(x: mx.array) -> mx.array:
 # ------------------------------------------------------------------------------ convolution
 
 
-def conv_by_taps(x: mx.array, weight: mx.array, bias: mx.array | None, padding: list[tuple[int, int]],
-                 fold: int = 0) -> mx.array:
+def conv_by_taps(
+    x: mx.array, weight: mx.array, bias: mx.array | None, padding: list[tuple[int, int]], fold: int = 0
+) -> mx.array:
     """Stride-1 convolution of channels-last ``x`` [N, *spatial, C_in] with ``weight`` [O, *kernel, C_in]
     and zero ``padding`` (before, after) per spatial axis, as one matrix product per kernel tap.
 
@@ -183,16 +222,24 @@ def conv_by_taps(x: mx.array, weight: mx.array, bias: mx.array | None, padding: 
     """
     n, ci = x.shape[0], x.shape[-1]
     o, kernel = weight.shape[0], weight.shape[1:-1]
+    if all(k == 1 for k in kernel) and not any(any(p) for p in padding):  # 1x1: one product
+        w = weight.reshape(o, ci).T
+        flat = x.reshape(-1, ci)
+        return (flat @ w if bias is None else mx.addmm(bias.astype(x.dtype), flat, w)).reshape(
+            *x.shape[:-1], o
+        )
     padded = mx.pad(x, [(0, 1), *padding, (0, 0)])
     out_size = [p - k + 1 for p, k in zip(padded.shape[1:-1], kernel)]
     if fold:
-        pieces = [padded[(slice(None), *(slice(s, s + m) for s, m in zip(shift, out_size)))]
-                  for shift in itertools.product(*(range(k) for k in kernel[:fold]))]
+        pieces = [
+            padded[(slice(None), *(slice(s, s + m) for s, m in zip(shift, out_size)))]
+            for shift in itertools.product(*(range(k) for k in kernel[:fold]))
+        ]
         padded = mx.concatenate(pieces, axis=-1)
         order = (0, *range(fold + 1, len(kernel) + 1), *range(1, fold + 1), len(kernel) + 1)
         weight = weight.transpose(order)
     grid = padded.shape[1:-1]
-    row_strides = [math.prod(grid[d + 1:]) for d in range(len(grid))]
+    row_strides = [math.prod(grid[d + 1 :]) for d in range(len(grid))]
     rows = n * math.prod(grid)
     flat = padded.reshape(-1, padded.shape[-1])
     taps = weight.reshape(o, math.prod(kernel[fold:]), -1).transpose(1, 2, 0)  # [taps, K, O]
@@ -201,6 +248,70 @@ def conv_by_taps(x: mx.array, weight: mx.array, bias: mx.array | None, padding: 
     for size, stride in zip(kernel[fold:], row_strides[fold:]):
         offsets = [off + k * stride for off in offsets for k in range(size)]
     for index, offset in enumerate(offsets):
-        out = mx.addmm(out, flat[offset: offset + rows], taps[index])
+        out = mx.addmm(out, flat[offset : offset + rows], taps[index])
     out = out.reshape(n, *grid, o)
     return out[(slice(None), *(slice(0, m) for m in out_size))]
+
+
+# ------------------------------------------------------------------------------ SiLU
+
+
+# exp(-x) inside each kernel (no separate pass for the negation)
+_neg_exp_scale_bits = mx.compile(lambda x: _exp_scale_bits(-x))
+_neg_exp_remainder = mx.compile(lambda x: _exp_remainder(-x))
+
+
+@mx.compile
+def _silu_finish(x: mx.array, r: mx.array, two_n: mx.array) -> mx.array:
+    """x / (1 + exp(-x)) from exp(-x)'s remainder r and scale 2^n (``_exp_finish`` inlined)."""
+    r2 = r * r
+    return x / ((_poly(r, _EXP_POLY[::-1], r2) * r2 + r + 1.0) * two_n + 1.0)
+
+
+@mx.custom_function
+def _fast_silu(x: mx.array) -> mx.array:
+    return _silu_finish(x, _neg_exp_remainder(x), mx.view(_neg_exp_scale_bits(x), mx.float32))
+
+
+@_fast_silu.vjp
+def _fast_silu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
+    sigmoid = 1.0 / (1.0 + _fast_exp(-x))
+    return cotangent * (sigmoid + output * (1.0 - sigmoid))  # d/dx x s(x) = s + x s (1 - s)
+
+
+def silu(x: mx.array) -> mx.array:
+    """x * sigmoid(x) = x / (1 + exp(-x)) with the fast exp (float32 on the CPU; ``nn.silu`` otherwise).
+    Differentiable."""
+    if x.dtype != mx.float32 or not fast_cpu():
+        return nn.silu(x)
+    return _fast_silu(x)
+
+
+def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
+    """``conv3x3(nearest_upsample_2x(x))`` with padding 1, computed on the low-resolution input.
+
+    Output pixel (2i + py, 2j + px) sees input rows {i-1, i} (py = 0, weights {W0, W1 + W2}) or
+    {i, i+1} (py = 1, weights {W0 + W1, W2}), and likewise columns: each of the 4 output phases is a
+    2x2 convolution of x with summed weights, 16 products on the small grid instead of 9 on the 4x
+    larger one (0.44x the arithmetic), and no upsampled copy. Same function, sums grouped differently.
+    """
+    n, h, w, ci = x.shape
+    o = weight.shape[0]
+    merge = ([[0], [1, 2]], [[0, 1], [2]])  # kernel rows (or columns) that land on each source offset
+    padded = mx.pad(x, [(0, 1), (1, 1), (1, 1), (0, 0)])  # + a zero sample: every tap slice in range
+    grid_w = w + 2
+    rows = n * (h + 2) * grid_w
+    flat = padded.reshape(-1, ci)
+    b = mx.zeros((o,), x.dtype) if bias is None else bias.astype(x.dtype)
+    phases = []
+    for py in (0, 1):
+        for px in (0, 1):
+            out = b
+            for a, kernel_rows in enumerate(merge[py]):
+                for c, kernel_cols in enumerate(merge[px]):
+                    tap = sum(weight[:, r, col] for r in kernel_rows for col in kernel_cols)  # [O, C_in]
+                    offset = (py + a) * grid_w + (px + c)
+                    out = mx.addmm(out, flat[offset : offset + rows], tap.T)
+            phases.append(out.reshape(n, h + 2, grid_w, o)[:, :h, :w])
+    out = mx.stack(phases, axis=3).reshape(n, h, w, 2, 2, o)  # [n, i, j, py, px, o]
+    return out.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, o)

@@ -141,7 +141,9 @@ def _position_embedding_2d_np(dim: int, h: int, w: int, scale: float, base_size:
     return np.concatenate([sin_cos(coord_w), sin_cos(coord_h)], axis=-1).astype(np.float32)
 
 
-def position_embedding_2d(dim: int, h: int, w: int, scale: float = 1.0, base_size: int | None = None) -> mx.array:
+def position_embedding_2d(
+    dim: int, h: int, w: int, scale: float = 1.0, base_size: int | None = None
+) -> mx.array:
     """``PositionEmbedding2D(dim)(x, h, w, scale, base_size)``: sin-cos table [h*w, dim] (float32)."""
     if dim % 4:
         raise ValueError(f"the 2D position embedding needs a hidden size divisible by 4, got {dim}")
@@ -178,7 +180,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = rope
         # MLX's `freqs` are periods (it uses their reciprocals); computed in float64 from the formula
-        self._rope_periods = mx.array((ROPE_THETA ** (np.arange(0, self.head_dim, 2) / self.head_dim)).astype(np.float32))
+        periods = ROPE_THETA ** (np.arange(0, self.head_dim, 2) / self.head_dim)
+        self._rope_periods = mx.array(periods.astype(np.float32))
 
     def __call__(self, x: mx.array) -> mx.array:
         """x [..., N, C]: attention over N within each leading index."""
@@ -188,8 +191,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope:
-            q = mx.fast.rope(q, self.head_dim, traditional=True, base=None, scale=1.0, offset=0, freqs=self._rope_periods)
-            k = mx.fast.rope(k, self.head_dim, traditional=True, base=None, scale=1.0, offset=0, freqs=self._rope_periods)
+            rope = dict(traditional=True, base=None, scale=1.0, offset=0, freqs=self._rope_periods)
+            q, k = mx.fast.rope(q, self.head_dim, **rope), mx.fast.rope(k, self.head_dim, **rope)
         out = fast_ops.attention(q, k, v, scale=self.scale)
         out = out.transpose(0, 2, 1, 3).reshape(*lead, n, c)
         return self.proj(out)
@@ -324,7 +327,9 @@ class STDiT3Block(nn.Module):
             out = self.attn(x)
         return unmerge_frames(out, t) if merge else out.reshape(b, tm, s, c)
 
-    def cross_attention(self, x: mx.array, y: mx.array, key_mask: "mx.array | CaptionKeys | None", merge: bool) -> mx.array:
+    def cross_attention(
+        self, x: mx.array, y: mx.array, key_mask: "mx.array | CaptionKeys | None", merge: bool
+    ) -> mx.array:
         b, t, s, c = x.shape
         if merge:  # the reference merges the residual stream itself (no norm on this branch)
             x = merge_frames(x)
@@ -345,7 +350,8 @@ class STDiT3Block(nn.Module):
         """x [B, T, S, C]; y [B, L, C] projected caption; key_mask as ``MultiHeadCrossAttention``;
         ``merge`` turns TDTM on (needs T >= 2)."""
         merge = merge and x.shape[1] >= 2  # a single frame has no pair to merge
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(t_mlp, x_mask, t0_mlp)
+        modulation = self.modulation(t_mlp, x_mask, t0_mlp)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)
         x = gated_residual(x, gate_msa, self.self_attention(x_m, merge))
         x = x + self.cross_attention(x, y, key_mask, merge)
@@ -362,7 +368,9 @@ class T2IFinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, num_patch * out_channels)
         self.scale_shift_table = mx.random.normal((2, hidden_size)) / hidden_size**0.5
 
-    def __call__(self, x: mx.array, t: mx.array, x_mask: mx.array | None = None, t0: mx.array | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, t: mx.array, x_mask: mx.array | None = None, t0: mx.array | None = None
+    ) -> mx.array:
         """x [B, T, S, C], t [B, C] -> [B, T, S, num_patch * out_channels]."""
         shift, scale = mx.split(self.scale_shift_table[None] + t[:, None], 2, axis=1)  # [B, 1, C] each
         x = t2i_modulate(self.norm_final(x), shift[:, None], scale[:, None])

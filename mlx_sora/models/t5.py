@@ -33,7 +33,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..checkpoint import CheckpointError
-from . import ModelFamily, register_family
+from . import ModelFamily, fast_ops, register_family
 from .config_checks import require_int, require_number, require_str
 from .units import Unit, attach_units, run_units
 
@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "relu": nn.relu,
     "gelu": nn.gelu,  # transformers' "gelu" is the exact (erf) form
-    "gelu_new": nn.gelu_approx,  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-    "silu": nn.silu,
+    "gelu_new": fast_ops.gelu_tanh,  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+    "silu": fast_ops.silu,
 }
 
 
@@ -191,7 +191,7 @@ class T5Attention(nn.Module):
 
         q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         # T5 does not scale q.k: the 1/sqrt(d_kv) is folded into the initialisation of q
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=bias.astype(x.dtype))
+        out = fast_ops.attention(q, k, v, scale=1.0, mask=bias.astype(x.dtype))
         return self.o(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 

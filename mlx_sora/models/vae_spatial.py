@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fast_ops
 from .config_checks import require_int, require_ints
 
 # The spatial VAE of hpcai-tech/OpenSora-VAE-v1.2 is loaded by the reference from
@@ -113,9 +114,8 @@ class AutoencoderKLConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-# float32 exp by range reduction + the Cephes expf polynomial: max relative error 8e-8 on [-87, 88]
-# (MLX's CPU exp: 4e-6) and, compiled into one kernel with the GroupNorm, ~5x faster than nn.silu on
-# CPU, where the SiLU after every GroupNorm is otherwise a large share of the VAE's run time.
+# float32 exp by range reduction + the Cephes expf polynomial (max relative error 8e-8 on [-87, 88]).
+# The VAEs now use fast_ops.silu; this stays for scripts/train_demo.py, which builds on it.
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 
 
@@ -141,9 +141,21 @@ def _normalize(x: mx.array, mean: mx.array, inv_std: mx.array, weight: mx.array,
 
 
 @mx.compile
-def _normalize_silu(x: mx.array, mean: mx.array, inv_std: mx.array, weight: mx.array, bias: mx.array) -> mx.array:
+def _normalize_silu_fused(
+    x: mx.array, mean: mx.array, inv_std: mx.array, weight: mx.array, bias: mx.array
+) -> mx.array:
     y = (x - mean) * inv_std * weight + bias
-    return y / (1.0 + _exp_f32(-y))
+    return y * mx.sigmoid(y)
+
+
+def _normalize_silu(
+    x: mx.array, mean: mx.array, inv_std: mx.array, weight: mx.array, bias: mx.array
+) -> mx.array:
+    if not fast_ops.fast_cpu():  # GPU: one fused kernel
+        return _normalize_silu_fused(x, mean, inv_std, weight, bias)
+    # CPU: the normalisation broadcasts per-channel statistics (a strided, scalar kernel), so the
+    # SiLU runs separately on its contiguous result, in fast_ops' vectorized kernels
+    return fast_ops.silu(_normalize(x, mean, inv_std, weight, bias))
 
 
 class GroupNorm(nn.Module):
@@ -183,17 +195,33 @@ class GroupNorm(nn.Module):
         return out.reshape(x.shape).astype(x.dtype)
 
 
+def _all_one(value: int | tuple[int, ...]) -> bool:
+    return all(v == 1 for v in (value if isinstance(value, tuple) else (value,)))
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters) that runs stride-1 float32 convolutions on the CPU as matrix
+    products (``fast_ops.conv_by_taps``, 1x1 as one product) instead of MLX's im2col copy + product."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not (fast_ops.fast_cpu() and x.dtype == mx.float32 and _all_one(self.stride)
+                and _all_one(self.dilation) and self.groups == 1):
+            return super().__call__(x)
+        bias = self.bias if "bias" in self else None
+        return fast_ops.conv_by_taps(x, self.weight, bias, [(p, p) for p in self.padding])
+
+
 class ResnetBlock2D(nn.Module):
     """diffusers ResnetBlock2D without time embedding (temb=None, output_scale_factor=1)."""
 
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = GroupNorm(groups, in_channels, RESNET_EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = GroupNorm(groups, out_channels, RESNET_EPS)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
-            self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+            self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
     def __call__(self, x: mx.array) -> mx.array:
         h = self.conv1(self.norm1(x, silu=True))
@@ -208,7 +236,7 @@ class Downsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.conv(mx.pad(x, [(0, 0), (0, 1), (0, 1), (0, 0)]))
@@ -225,10 +253,13 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.conv(upsample_nearest_2x(x))
+        conv = self.conv
+        if fast_ops.fast_cpu() and x.dtype == mx.float32:  # the same, on the small grid (0.44x the work)
+            return fast_ops.upsample2x_conv3x3(x, conv.weight, conv.bias if "bias" in conv else None)
+        return conv(upsample_nearest_2x(x))
 
 
 class Attention(nn.Module):
@@ -248,7 +279,7 @@ class Attention(nn.Module):
         n, h, w, c = x.shape
         tokens = self.group_norm(x).reshape(n, 1, h * w, c)
         q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = fast_ops.attention(q, k, v, scale=self.scale)
         return x + self.to_out[0](out).reshape(n, h, w, c)
 
 
@@ -306,7 +337,7 @@ class Encoder(nn.Module):
     def __init__(self, config: AutoencoderKLConfig):
         super().__init__()
         channels, groups = config.block_out_channels, config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
+        self.conv_in = Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.down_blocks = [
             DownEncoderBlock2D(
                 channels[max(i - 1, 0)], channels[i], config.layers_per_block, groups, i < len(channels) - 1
@@ -315,7 +346,7 @@ class Encoder(nn.Module):
         ]
         self.mid_block = UNetMidBlock2D(channels[-1], groups, config.mid_block_add_attention)
         self.conv_norm_out = GroupNorm(groups, channels[-1], RESNET_EPS)
-        self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.conv_in(x)
@@ -330,7 +361,7 @@ class Decoder(nn.Module):
         super().__init__()
         channels, groups = config.block_out_channels, config.norm_num_groups
         reversed_channels = list(reversed(channels))
-        self.conv_in = nn.Conv2d(config.latent_channels, channels[-1], 3, padding=1)
+        self.conv_in = Conv2d(config.latent_channels, channels[-1], 3, padding=1)
         self.mid_block = UNetMidBlock2D(channels[-1], groups, config.mid_block_add_attention)
         self.up_blocks = [
             UpDecoderBlock2D(
@@ -343,7 +374,7 @@ class Decoder(nn.Module):
             for i in range(len(channels))
         ]
         self.conv_norm_out = GroupNorm(groups, channels[0], RESNET_EPS)
-        self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
         # Evaluate after every resnet/upsampler of the up blocks: the lazy graph of a whole decoder
         # keeps more full-resolution temporaries alive (MLX peak -22% at 4 x 120x216 frames, same
         # speed). Set False to trace the decoder (mx.compile, gradients).
@@ -384,9 +415,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         if config.use_quant_conv:
-            self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+            self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         if config.use_post_quant_conv:
-            self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+            self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
 
     def _check(self, x: mx.array, channels: int, what: str) -> None:
         if x.ndim != 4 or x.shape[-1] != channels:
