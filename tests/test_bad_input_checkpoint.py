@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_sora import checkpoint
+from mlx_sora import checkpoint, torch_bin
 from mlx_sora.checkpoint import (
     CheckpointError,
     CheckpointFolder,
@@ -327,7 +327,7 @@ def test_pickle_declaring_a_huge_bytes_object(bin_path):
 
 
 def test_oversized_pickle(bin_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "MAX_PICKLE_BYTES", 64)
+    monkeypatch.setattr(torch_bin, "MAX_PICKLE_BYTES", 64)
     write_bin(bin_path, {"w": Tensor(), "v": Tensor()})
     refused(bin_path, "too large for a state dict")
 
