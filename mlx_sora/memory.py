@@ -15,51 +15,47 @@ import mlx.core as mx
 GIB = 1024**3
 
 
+def _proc_kib(path: str, field: str) -> int | None:
+    """A "<field>: <n> kB" line of a Linux /proc file, in bytes (None elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _ru_maxrss() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
 def max_rss_bytes() -> int:
     """Peak resident set size of this process so far.
 
     On Linux this is VmHWM (reset by exec: ru_maxrss would carry the peak of the parent process that
-    forked us); elsewhere ru_maxrss (bytes on macOS).
+    forked us); elsewhere ru_maxrss.
     """
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    return peak if peak is not None else _ru_maxrss()
 
 
 def process_rss() -> int:
-    """Current resident set size of this process (bytes)."""
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    import resource  # macOS: ru_maxrss is the peak, the closest figure without psutil
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+    """Current resident set size of this process (macOS, without psutil: the peak, the closest figure)."""
+    rss = _proc_kib("/proc/self/status", "VmRSS")
+    return rss if rss is not None else _ru_maxrss()
 
 
 def available_memory() -> int:
     """Memory this process could use now: Linux MemAvailable (+ what the process holds); macOS: the
     GPU's recommended working set (unified memory) or the physical memory."""
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/meminfo") as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024 + process_rss()
-        except OSError:
-            pass
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available + process_rss()
     info = mx.device_info() if hasattr(mx, "device_info") else {}
     for key in ("max_recommended_working_set_size", "memory_size"):
         if info.get(key):
