@@ -29,7 +29,12 @@ import mlx.core as mx
 from mlx_sora import convert, load_model
 from mlx_sora.memory import max_rss_bytes
 from mlx_sora.sampling import (
-    DynamicLeap, FixedLeap, SamplerConfig, num_evaluations, sample, sampling_timesteps,
+    DynamicLeap,
+    FixedLeap,
+    SamplerConfig,
+    num_evaluations,
+    sample,
+    sampling_timesteps,
 )
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "opensora12"

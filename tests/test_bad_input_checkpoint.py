@@ -27,6 +27,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from conftest import HEADROOM, address_space
 
 from mlx_sora import checkpoint, torch_bin
 from mlx_sora.checkpoint import (
@@ -38,8 +39,6 @@ from mlx_sora.checkpoint import (
     validate_safetensors,
 )
 from mlx_sora.errors import UserError
-
-from conftest import HEADROOM, address_space
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora12"
 pytestmark = pytest.mark.usefixtures("memory_cap")  # conftest: address space capped at +1 GiB

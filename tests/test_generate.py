@@ -70,7 +70,6 @@ def test_cli_failure_leaves_no_file(tiny_model_folder, tmp_path, monkeypatch):
         (["--prompt", "a cat", "--output", "x.gif"], "must end in .mp4"),
         (["--prompt", "a cat", "--lpl-step", "30"], "leap step"),
         (["--prompt", "a cat", "--seed", "1", "1"], "same seed"),
-        (["--prompt", "a cat"], "no model given"),
     ],
 )
 def test_cli_bad_input(args, message, capsys, tmp_path, monkeypatch):

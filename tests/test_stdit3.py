@@ -21,8 +21,8 @@ from mlx.utils import tree_flatten
 import mlx_sora
 from mlx_sora.checkpoint import CheckpointError, CheckpointFolder
 from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
-from mlx_sora.models.units import run_units, unit_for_key
 from mlx_sora.models.stdit3_layers import merge_frames, position_embedding_2d, rope_inv_freq, unmerge_frames
+from mlx_sora.models.units import run_units, unit_for_key
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora12"
 CHECKPOINT = FIXTURES / "stdit3_checkpoint"

@@ -65,8 +65,7 @@ def _load_all() -> None:
 
 
 def families() -> dict[str, ModelFamily]:
-    if not _FAMILIES:
-        _load_all()
+    _load_all()  # every family, even when some model module was imported (and registered) first
     return dict(_FAMILIES)
 
 

@@ -31,7 +31,6 @@ import numpy as np
 from ..checkpoint import CheckpointError
 from . import ModelFamily, register_family
 from .config_checks import require_int, require_ints, require_number
-from .units import Unit, attach_units, run_units
 from .stdit3_layers import (
     CaptionEmbedder,
     CaptionKeys,
@@ -42,6 +41,7 @@ from .stdit3_layers import (
     position_embedding_2d,
     rope_inv_freq,
 )
+from .units import Unit, attach_units, run_units
 
 if TYPE_CHECKING:
     from ..checkpoint import CheckpointFolder

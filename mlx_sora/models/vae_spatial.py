@@ -309,8 +309,12 @@ class UpDecoderBlock2D(nn.Module):
         if add_upsample:
             self.upsamplers = [Upsample2D(out_channels)]
 
+    @property
+    def layers(self) -> list[nn.Module]:
+        return self.resnets + (self.upsamplers if "upsamplers" in self else [])
+
     def __call__(self, x: mx.array, evaluate_layers: bool = False) -> mx.array:
-        for layer in self.resnets + (self.upsamplers if "upsamplers" in self else []):
+        for layer in self.layers:
             x = layer(x)
             if evaluate_layers:
                 mx.eval(x)
@@ -326,11 +330,14 @@ class UNetMidBlock2D(nn.Module):
         if add_attention:
             self.attentions = [Attention(channels, groups)]
 
+    @property
+    def layers(self) -> list[nn.Module]:
+        return [self.resnets[0], *(self.attentions if "attentions" in self else []), self.resnets[1]]
+
     def __call__(self, x: mx.array) -> mx.array:
-        x = self.resnets[0](x)
-        if "attentions" in self:
-            x = self.attentions[0](x)
-        return self.resnets[1](x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class Encoder(nn.Module):
@@ -375,20 +382,22 @@ class Decoder(nn.Module):
         ]
         self.conv_norm_out = GroupNorm(groups, channels[0], RESNET_EPS)
         self.conv_out = Conv2d(channels[0], config.out_channels, 3, padding=1)
-        # Evaluate after every resnet/upsampler of the up blocks: the lazy graph of a whole decoder
-        # keeps more full-resolution temporaries alive (MLX peak -22% at 4 x 120x216 frames, same
-        # speed). Set False to trace the decoder (mx.compile, gradients).
+        # Evaluate after every layer (resnet, attention, upsampler): the lazy graph of a whole
+        # decoder keeps more full-resolution temporaries alive (MLX peak -22% at 4 x 120x216 frames,
+        # same speed), and on the CPU each stage then runs in parallel parts (fast_ops.cpu_parallel).
+        # Set False to trace the decoder (mx.compile, gradients).
         self.evaluate_layers = True
 
     # The decoder in stages (the VAE's units): input stage, one stage per up block, output stage.
     def stage_in(self, z: mx.array) -> mx.array:
-        return self.mid_block(self.conv_in(z))
+        return fast_ops.run_layers([self.conv_in, *self.mid_block.layers], z, self.evaluate_layers)
 
     def stage_up(self, index: int, x: mx.array) -> mx.array:
-        return self.up_blocks[index](x, self.evaluate_layers)
+        return fast_ops.run_layers(self.up_blocks[index].layers, x, self.evaluate_layers)
 
     def stage_out(self, x: mx.array) -> mx.array:
-        return self.conv_out(self.conv_norm_out(x, silu=True))
+        layers = [lambda h: self.conv_out(self.conv_norm_out(h, silu=True))]
+        return fast_ops.run_layers(layers, x, self.evaluate_layers)
 
     def __call__(self, z: mx.array) -> mx.array:
         x = self.stage_in(z)
