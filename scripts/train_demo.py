@@ -15,7 +15,7 @@ Everything the full-size model has, with the same model code (``mlx_sora.models`
    (the scheduler's ``sample_method="uniform"`` without the timestep transform), not logit-normal +
    transform: see ``sample_timesteps`` for why (``--set dit_timesteps='"logit-normal"'`` restores it).
 
-Run (float32, fixed seeds; prints losses and timings; ~40 min on 2 CPU cores)::
+Run (float32, fixed seeds; prints losses and timings; ~35 min on 2 CPU cores)::
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python scripts/train_demo.py
     python scripts/train_demo.py --package-only      # rewrite mlx_sora/demo_model/ from the run folder
