@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import CheckpointError, describe_os_error
 from .torch_bin import TorchBinReader
-from .untrusted import MAX_DIM, MAX_NDIM, is_int, json_kind, regular_file_size, short_repr, to_mx
+from .untrusted import MAX_DIM, MAX_NDIM, SAFETENSORS_DTYPES, is_int, json_kind, regular_file_size, short_repr, to_mx
 
 __all__ = [
     "CheckpointError", "CheckpointFolder", "SafetensorsReader", "TorchBinReader", "read_config",
@@ -40,21 +40,6 @@ __all__ = [
 MAX_HEADER_BYTES = 100_000_000
 """The safetensors format's own limit on the JSON header."""
 MAX_CONFIG_BYTES = 16 << 20
-
-# safetensors dtype name -> (numpy dtype used to read the bytes, mlx dtype of the result)
-_SAFETENSORS_DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
-    "F64": (np.dtype("<f8"), mx.float32),
-    "F32": (np.dtype("<f4"), mx.float32),
-    "F16": (np.dtype("<f2"), mx.float16),
-    "BF16": (np.dtype("<u2"), mx.bfloat16),
-    "I64": (np.dtype("<i8"), mx.int64),
-    "I32": (np.dtype("<i4"), mx.int32),
-    "I16": (np.dtype("<i2"), mx.int16),
-    "I8": (np.dtype("i1"), mx.int8),
-    "U8": (np.dtype("u1"), mx.uint8),
-    "U32": (np.dtype("<u4"), mx.uint32),  # packed quantized weights (mx.quantize)
-    "BOOL": (np.dtype("?"), mx.bool_),
-}
 
 
 # ---------------------------------------------------------------- safetensors
@@ -126,9 +111,9 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str
         if missing:
             raise CheckpointError(f"{where} has no {' or '.join(missing)}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{where} has unsupported dtype {short_repr(dtype)} "
-                                  f"(supported: {', '.join(_SAFETENSORS_DTYPES)})")
+                                  f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
         if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(
             is_int(n) and 0 <= n <= MAX_DIM for n in shape
         ):
@@ -144,7 +129,7 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str
                 f"{path} is truncated or corrupt: tensor {short_repr(name)} lies outside the file "
                 "(re-download or re-convert it)"
             )
-        expected = math.prod(shape) * _SAFETENSORS_DTYPES[dtype][0].itemsize
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype][0].itemsize
         if end - begin != expected:
             raise CheckpointError(f"{where} has {end - begin} bytes for shape {shape} of {dtype} "
                                   f"({expected} expected)")
@@ -197,11 +182,11 @@ class SafetensorsReader:
         return tuple(self._entries[key]["shape"])
 
     def dtype(self, key: str) -> mx.Dtype:
-        return _SAFETENSORS_DTYPES[self._entries[key]["dtype"]][1]
+        return SAFETENSORS_DTYPES[self._entries[key]["dtype"]][1]
 
     def load(self, key: str) -> mx.array:
         entry = self._entries[key]
-        np_dtype, mx_dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        np_dtype, mx_dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         shape = tuple(entry["shape"])
         begin, end = entry["data_offsets"]
         if begin == end:

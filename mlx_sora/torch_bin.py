@@ -21,7 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import CheckpointError
-from .untrusted import MAX_DIM, MAX_NDIM, clip_text, is_int, regular_file_size, short_repr, to_mx
+from .untrusted import MAX_DIM, MAX_NDIM, SAFETENSORS_DTYPES, clip_text, is_int, regular_file_size, short_repr, to_mx
 
 MAX_PICKLE_BYTES = 32 << 20
 """``data.pkl`` of a real state dict is ~150 bytes per tensor: 32 MiB is ~200k tensors."""
@@ -37,16 +37,12 @@ _STORAGE_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
 _TORCH_STORAGES: dict[str, tuple[np.dtype, mx.Dtype]] = {
-    "DoubleStorage": (np.dtype("<f8"), mx.float32),
-    "FloatStorage": (np.dtype("<f4"), mx.float32),
-    "HalfStorage": (np.dtype("<f2"), mx.float16),
-    "BFloat16Storage": (np.dtype("<u2"), mx.bfloat16),
-    "LongStorage": (np.dtype("<i8"), mx.int64),
-    "IntStorage": (np.dtype("<i4"), mx.int32),
-    "ShortStorage": (np.dtype("<i2"), mx.int16),
-    "CharStorage": (np.dtype("i1"), mx.int8),
-    "ByteStorage": (np.dtype("u1"), mx.uint8),
-    "BoolStorage": (np.dtype("?"), mx.bool_),
+    name: SAFETENSORS_DTYPES[code]
+    for name, code in (
+        ("DoubleStorage", "F64"), ("FloatStorage", "F32"), ("HalfStorage", "F16"), ("BFloat16Storage", "BF16"),
+        ("LongStorage", "I64"), ("IntStorage", "I32"), ("ShortStorage", "I16"), ("CharStorage", "I8"),
+        ("ByteStorage", "U8"), ("BoolStorage", "BOOL"),
+    )
 }
 
 

@@ -60,3 +60,20 @@ def regular_file_size(path: Path) -> int:
     if not stat.S_ISREG(info.st_mode):
         raise CheckpointError(f"{path} is not a regular file")
     return info.st_size
+
+
+# safetensors dtype name -> (numpy dtype used to read the bytes, mlx dtype of the result); the .bin
+# reader maps torch storage types onto the same entries
+SAFETENSORS_DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
+    "F64": (np.dtype("<f8"), mx.float32),
+    "F32": (np.dtype("<f4"), mx.float32),
+    "F16": (np.dtype("<f2"), mx.float16),
+    "BF16": (np.dtype("<u2"), mx.bfloat16),
+    "I64": (np.dtype("<i8"), mx.int64),
+    "I32": (np.dtype("<i4"), mx.int32),
+    "I16": (np.dtype("<i2"), mx.int16),
+    "I8": (np.dtype("i1"), mx.int8),
+    "U8": (np.dtype("u1"), mx.uint8),
+    "U32": (np.dtype("<u4"), mx.uint32),  # packed quantized weights (mx.quantize)
+    "BOOL": (np.dtype("?"), mx.bool_),
+}

@@ -18,7 +18,7 @@ Reference behaviour reproduced on purpose:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -226,25 +226,24 @@ class Decoder(nn.Module):
         self.conv_blocks = conv_blocks
         self.norm1 = GroupNorm(c.num_groups, prev, TORCH_GROUPNORM_EPS)
         self.conv_out = CausalConv3d(width, c.in_out_channels, 3)
-        # Evaluate after every layer of a stage; on the CPU each stage then runs in parallel parts
-        # (fast_ops.cpu_parallel). Set False to trace the decoder (mx.compile).
-        self.evaluate_layers = True
 
     # The decoder in stages (the VAE's units): input stage, one up stage per level (deepest first),
     # output stage.
     def stage_in(self, x: mx.array) -> mx.array:
-        return fast_ops.run_layers([self.conv1, *self.res_blocks], x, self.evaluate_layers)
+        x = self.conv1(x)
+        for block in self.res_blocks:
+            x = block(x)
+        return x
 
     def stage_up(self, level: int, x: mx.array) -> mx.array:
-        layers: list[Callable[[mx.array], mx.array]] = list(self.block_res_blocks[level])
+        for block in self.block_res_blocks[level]:
+            x = block(x)
         if level > 0:
-            factor = 2 if self.temporal_downsample[level - 1] else 1
-            layers.append(lambda h: depth_to_time(self.conv_blocks[level - 1](h), factor))
-        return fast_ops.run_layers(layers, x, self.evaluate_layers)
+            x = depth_to_time(self.conv_blocks[level - 1](x), 2 if self.temporal_downsample[level - 1] else 1)
+        return x
 
     def stage_out(self, x: mx.array) -> mx.array:
-        layers = [lambda h: self.conv_out(norm_act(self.norm1, h, self.activation_fn))]
-        return fast_ops.run_layers(layers, x, self.evaluate_layers)
+        return self.conv_out(norm_act(self.norm1, x, self.activation_fn))
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.stage_in(x)
