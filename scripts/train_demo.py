@@ -42,7 +42,7 @@ before packaging:
   hand-written VJP;
 * the tanh GELU of STDiT3's MLPs and T5's gated-gelu (``nn.gelu_approx``, ~70% of a training step
   on CPU) by the same function (sigmoid form, |diff| < 5e-7) with a hand-written VJP, ~6x faster;
-* the decoders' ``evaluate_layers`` (an ``mx.eval`` per layer) is switched off.
+* the spatial decoder's ``evaluate_layers`` (an ``mx.eval`` per layer) is switched off.
 """
 
 from __future__ import annotations
@@ -465,7 +465,6 @@ def train_temporal_vae(recipe: Recipe, spatial_latents: np.ndarray, log: Log) ->
     if recipe.pooling_init:
         init_temporal_vae_as_pooling(model)
     start_posterior_narrow(model.quant_conv.conv, recipe.initial_logvar)
-    model.decoder.evaluate_layers = False  # an mx.eval per layer cannot be differentiated
     log(f"temporal VAE: {param_count(model):,} parameters")
     opt = optim.Adam(learning_rate=lr_schedule(recipe.temporal_lr, recipe.temporal_steps, 20), bias_correction=True)
     frames = spatial_latents.shape[1]
@@ -530,7 +529,6 @@ def check_vae(recipe: Recipe, run: Path, log: Log, every: int = 3) -> None:
     start = time.perf_counter()
     vae = load_trained_vae(recipe, run)
     vae.spatial_vae.decoder.evaluate_layers = False
-    vae.temporal_vae.decoder.evaluate_layers = False
     specs = [clips.ClipSpec.single(*c) for c in clips.ALL_COMBOS[::every]]
     videos = np.stack([clips.make_clip(s, recipe.size, recipe.frames, 10_000 + i) for i, s in enumerate(specs)])
     results = []

@@ -20,7 +20,7 @@ operations only, in compiled kernels of that shape:
   core. The VAE decoders split their work into one part per core (the images of a batch, or the
   output rows of each convolution), each part on its own stream with a single-threaded BLAS, so all
   of the work, not only the matrix products, runs on every core (spatial decoder -22 % time per
-  frame at 192x192 on 2 cores; the temporal decoder gains nothing measurable).
+  frame at 192x192 on 2 cores; the temporal decoder gained nothing measurable, so it does not use it).
 
 Off the CPU these functions use MLX's own kernels (``nn.gelu_approx``, ``nn.silu``,
 ``mx.fast.scaled_dot_product_attention``, ``nn.Conv*``), which are fused and fast on Metal/CUDA:
@@ -36,7 +36,6 @@ import ctypes
 import itertools
 import math
 import os
-from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import mlx.core as mx
@@ -413,7 +412,7 @@ class CpuParallel:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
 
 
-@contextmanager
+@contextlib.contextmanager
 def cpu_parallel() -> Iterator[CpuParallel]:
     """Run a block of evaluated work in ``cpu_parts()`` parallel parts on the CPU.
 
