@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import CheckpointError, validate_safetensors
 from .fsutil import atomic_output_folder, check_output_folder, is_converted_folder
+from .memory import keep_freed_cpu_memory
 from .models import ModelFamily, family_for_type
 from .models.units import unit_for_key
 from .quantization import (
@@ -262,6 +263,7 @@ def load_model(folder: str | Path, dtype: str | mx.Dtype | None = None, lazy: bo
     """
     folder = Path(folder)
     config = read_converted_config(folder)
+    keep_freed_cpu_memory()  # the CPU allocator policy the models run fastest with (see memory.py)
     model = build_model(folder, config)
     dtype = parse_dtype(dtype) or parse_dtype(config["mlx_sora"].get("dtype", "float32"))
     weight_map = read_weight_map(folder)

@@ -1,8 +1,11 @@
-"""Measuring time and memory per phase: MLX peak (``mx.get_peak_memory``) and the process's max RSS."""
+"""Measuring time and memory per phase: MLX peak (``mx.get_peak_memory``) and the process's max RSS;
+the CPU allocator policy (``keep_freed_cpu_memory`` / ``release_freed_cpu_memory``)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import resource
 import sys
 import time
@@ -61,6 +64,53 @@ def available_memory() -> int:
         if info.get(key):
             return int(info[key])
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+_allocator_state: dict[str, object] = {}
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if "libc" not in _allocator_state:
+        libc = None
+        if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL(None)
+                libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+            except (OSError, AttributeError):
+                libc = None
+        _allocator_state["libc"] = libc
+    return _allocator_state["libc"]  # type: ignore[return-value]
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Let the process reuse the memory MLX frees on the CPU instead of handing it back to the OS at
+    once (Linux with glibc; elsewhere nothing changes). Returns whether the policy is on.
+
+    Why: MLX's CPU allocator is ``malloc``, which serves every block over 32 MiB with ``mmap`` and
+    unmaps it on ``free``; the next array of that size is faulted in again page by page. On a
+    [2, 36864, 128] float32 array ``x + 1`` took 20-23 ms, 9,217 page faults, against 3.3 ms with
+    the memory kept: most of the time of MLX's elementwise ops, and of every matrix product's output,
+    went to page faults. With ``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB - 1)`` freed blocks stay
+    in the heap for the next allocation: the CPU counterpart of MLX's buffer cache on Metal.
+    ``release_freed_cpu_memory`` gives the free pages back (after each phase and each streamed unit).
+    Idempotent; ``MLX_SORA_KEEP_FREED_MEMORY=0`` turns it off.
+    """
+    if "kept" not in _allocator_state:
+        libc = _glibc()
+        kept = libc is not None and os.environ.get("MLX_SORA_KEEP_FREED_MEMORY", "1") != "0"
+        if kept:
+            kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        _allocator_state["kept"] = kept
+    return bool(_allocator_state["kept"])
+
+
+def release_freed_cpu_memory() -> None:
+    """Give the pages of freed heap memory back to the OS (``malloc_trim(0)``; glibc only): the CPU
+    counterpart of ``mx.clear_cache()``, which does the same for MLX's buffer cache on Metal/CUDA."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @dataclass

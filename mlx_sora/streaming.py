@@ -36,7 +36,7 @@ from mlx.utils import tree_unflatten
 from .checkpoint import CheckpointError
 from .errors import UserError
 from .loading import read_weight_map
-from .memory import GIB, available_memory
+from .memory import GIB, available_memory, release_freed_cpu_memory
 from .models.units import Unit, unit_for_key
 
 MIB = 1024**2
@@ -369,6 +369,7 @@ class StreamingWeights:
         for file in self._files[name]:
             lazy.update(_load_file(self.folder / file, self._read_stream))
         self.model.update(tree_unflatten([(k, lazy[k]) for k in self._keys[name]]))
+        release_freed_cpu_memory()  # the evicted weights' pages go back to the OS (the budget counts RSS)
 
     def close(self) -> None:
         """Evict everything (the model keeps only unevaluated arrays)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_sora import convert, load_model
-from mlx_sora.memory import max_rss_bytes
+from mlx_sora.memory import keep_freed_cpu_memory, max_rss_bytes
 from mlx_sora.sampling import (
     DynamicLeap,
     FixedLeap,
@@ -75,6 +75,7 @@ def run_tiny() -> None:
 def run_xl(steps: int, frames: int, height: int, width: int) -> None:
     from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
 
+    keep_freed_cpu_memory()  # as load_model / Pipeline do
     model = STDiT3(STDiT3Config())
     model.eval()
     mx.eval(model.parameters())

@@ -24,6 +24,7 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlx_sora.memory import keep_freed_cpu_memory
 from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
 from mlx_sora.models.units import run_units
 from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed passes per setting (the minimum is reported)")
     args = parser.parse_args(argv)
 
+    keep_freed_cpu_memory()  # as load_model / Pipeline do
     dtype = getattr(mx, args.dtype)
     config = STDiT3Config(depth=args.depth)
     model = STDiT3(config, compute_dtype=dtype)

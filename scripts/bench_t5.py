@@ -25,6 +25,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from mlx_sora.memory import keep_freed_cpu_memory
 from mlx_sora.models.t5 import T5Config, T5Encoder
 
 XXL_LAYERS = 24
@@ -61,6 +62,7 @@ def build_mlx(config: T5Config, weights: dict[str, np.ndarray], weights_dtype: m
     from mlx_sora.models.t5 import FAMILY
 
     cfg = {**vars(config), "hf_embedding_key": "shared.weight"}
+    keep_freed_cpu_memory()  # as load_model / Pipeline do
     model = T5Encoder(config, compute_dtype=compute_dtype)
     arrays = [(FAMILY.rename(k, cfg), mx.array(v).astype(weights_dtype)) for k, v in weights.items()]
     model.load_weights(arrays, strict=True)

@@ -20,6 +20,7 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mlx_sora.memory import keep_freed_cpu_memory
 from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
 
 GIB = 1024**3
@@ -49,6 +50,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
 
+    keep_freed_cpu_memory()  # as load_model / Pipeline do
     dtype = getattr(mx, args.dtype)
     mx.random.seed(0)
     vae = OpenSoraVAE(VideoAutoencoderConfig(), compute_dtype=dtype)  # released architecture, random init (lazy)

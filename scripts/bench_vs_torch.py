@@ -558,7 +558,9 @@ def mlx_worker(args: argparse.Namespace, out_dir: Path) -> dict:
     import mlx.core as mx
 
     from mlx_sora.blas import fast_blas_loaded
+    from mlx_sora.memory import keep_freed_cpu_memory
 
+    keep_freed_cpu_memory()  # as load_model / Pipeline do for their users
     if args.device == "gpu":
         mx.set_default_device(mx.gpu)
     blas = fast_blas_loaded() or "bundled" if args.device == "cpu" else "-"

@@ -42,7 +42,7 @@ before packaging:
   hand-written VJP;
 * the tanh GELU of STDiT3's MLPs and T5's gated-gelu (``nn.gelu_approx``, ~70% of a training step
   on CPU) by the same function (sigmoid form, |diff| < 5e-7) with a hand-written VJP, ~6x faster;
-* the spatial decoder's ``evaluate_layers`` (an ``mx.eval`` per layer) is switched off.
+* the decoders' ``evaluate_layers`` (an ``mx.eval`` per layer) is switched off.
 """
 
 from __future__ import annotations
@@ -462,6 +462,7 @@ def train_temporal_vae(recipe: Recipe, spatial_latents: np.ndarray, log: Log) ->
     mx.random.seed(recipe.seed + 2)
     rng = np.random.default_rng(recipe.seed + 2)
     model = VAE_Temporal(VAETemporalConfig.from_dict(recipe.temporal_vae))
+    model.decoder.evaluate_layers = False  # an mx.eval per layer cannot be differentiated
     if recipe.pooling_init:
         init_temporal_vae_as_pooling(model)
     start_posterior_narrow(model.quant_conv.conv, recipe.initial_logvar)

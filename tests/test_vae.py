@@ -12,7 +12,7 @@ import pytest
 import mlx_sora
 from mlx_sora.checkpoint import CheckpointFolder
 from mlx_sora.loading import expected_parameters, read_converted_config
-from mlx_sora.models import detect_family
+from mlx_sora.models import detect_family, winograd
 from mlx_sora.models.vae import FAMILY, OpenSoraVAE, VideoAutoencoderConfig
 from mlx_sora.models.vae_spatial import SDXL_VAE_CONFIG
 from mlx_sora.models.vae_temporal import VAE_TEMPORAL_SD_CONFIG
@@ -57,6 +57,20 @@ def encode_io() -> dict[str, mx.array]:
 def test_decode_matches_reference(vae, decode_io, frames):
     video = vae.decode(decode_io[f"nf{frames}.z"], num_frames=frames)
     assert_close(video, decode_io[f"nf{frames}.video"], f"decode nf{frames}")
+
+
+@pytest.mark.parametrize("frames", [17, 51])
+def test_decode_matches_reference_with_winograd_on_every_conv(vae, decode_io, encode_io, frames, monkeypatch):
+    # the fixture VAE is narrower than winograd.MIN_CHANNELS: lower it so that every 3x3 convolution
+    # of both decoders (and encoders) takes the F(2x2, 3x3) path, at the same tolerance
+    calls = []
+    original = winograd.conv3x3
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "conv3x3", lambda *a, **k: calls.append(1) or original(*a, **k))
+    video = vae.decode(decode_io[f"nf{frames}.z"], num_frames=frames)
+    assert_close(video, decode_io[f"nf{frames}.video"], f"winograd decode nf{frames}")
+    assert len(calls) > 20
+    assert_close(vae.encode(encode_io["nf17.x"]), encode_io["nf17.z"], "winograd encode nf17")
 
 
 def test_temporal_decode_output_matches_reference(vae, decode_io):

@@ -341,6 +341,11 @@ _ROW_PARTS: contextvars.ContextVar[int] = contextvars.ContextVar("mlx_sora_row_p
 _EXTRA_STREAMS: list = []  # mx.ThreadLocalStream: a stream (and its thread) per Python thread
 
 
+def row_parts() -> int:
+    """How many streams the convolution being built may spread its work over (see ``cpu_parallel``)."""
+    return _ROW_PARTS.get()
+
+
 def cpu_parts() -> int:
     """How many parallel parts CPU work is split into: one per core this process may use (at most
     8); ``MLX_SORA_CPU_PARTS`` overrides it (1 turns the splitting off)."""
@@ -407,6 +412,37 @@ class CpuParallel:
         finally:
             _ROW_PARTS.reset(token)
 
+    def run(self, layer: Callable[[mx.array], mx.array], parts: list[mx.array]) -> list[mx.array]:
+        """``layer`` on every part, evaluated. A layer with ``steps(x)`` (a generator of its
+        intermediate results, the last one its output) is evaluated step by step, all parts' step k
+        together: MLX enqueues one evaluation's graph depth first and caps the tasks in flight, so a
+        whole layer per part would run the parts mostly one after the other (a VAE resnet at
+        4 x 192 x 192: 1.03-1.18 s as one graph, 0.67 s step by step)."""
+        steps = getattr(layer, "steps", None)
+        if steps is None:
+            out = self.map(layer, parts)
+            mx.eval(out)
+            return out
+        contexts = [mx.stream(s) for s in self.streams] if len(parts) > 1 else [contextlib.nullcontext()]
+        token = _ROW_PARTS.set(1) if len(parts) > 1 else None
+        try:
+            generators = []
+            for part, context in zip(parts, contexts):
+                with context:
+                    generators.append(steps(part))
+            current = list(parts)
+            while True:
+                try:
+                    for i, (generator, context) in enumerate(zip(generators, contexts)):
+                        with context:
+                            current[i] = next(generator)
+                except StopIteration:
+                    return current
+                mx.eval(current)
+        finally:
+            if token is not None:
+                _ROW_PARTS.reset(token)
+
     @staticmethod
     def join(parts: list[mx.array]) -> mx.array:
         return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=0)
@@ -461,8 +497,7 @@ def run_layers(layers: list[Callable[[mx.array], mx.array]], x: mx.array, evalua
     with cpu_parallel() as work:
         parts = work.split(x)
         for layer in layers:
-            parts = work.map(layer, parts)
-            mx.eval(parts)
+            parts = work.run(layer, parts)
         x = work.join(parts)
         mx.eval(x)
     return x

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fast_ops
+from . import fast_ops, winograd
 from .config_checks import require_int, require_ints
 
 # The spatial VAE of hpcai-tech/OpenSora-VAE-v1.2 is loaded by the reference from
@@ -201,13 +201,17 @@ def _all_one(value: int | tuple[int, ...]) -> bool:
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters) that runs stride-1 float32 convolutions on the CPU as matrix
-    products (``fast_ops.conv_by_taps``, 1x1 as one product) instead of MLX's im2col copy + product."""
+    products: 3x3 with padding 1 by Winograd's F(2x2, 3x3) (``winograd.conv3x3``), others one product
+    per tap (``fast_ops.conv_by_taps``, 1x1 as one product), instead of MLX's im2col copy + product."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if not (fast_ops.fast_cpu() and x.dtype == mx.float32 and _all_one(self.stride)
                 and _all_one(self.dilation) and self.groups == 1):
             return super().__call__(x)
         bias = self.bias if "bias" in self else None
+        o, kh, kw, ci = self.weight.shape
+        if self.padding == (1, 1) and winograd.applies(x, (kh, kw), ci, o):
+            return winograd.conv3x3(x, self.weight, bias)
         return fast_ops.conv_by_taps(x, self.weight, bias, [(p, p) for p in self.padding])
 
 
@@ -223,12 +227,22 @@ class ResnetBlock2D(nn.Module):
         if in_channels != out_channels:
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1)
 
+    def steps(self, x: mx.array) -> Iterator[mx.array]:
+        """The block's intermediate results, then its output (``fast_ops.CpuParallel.run``)."""
+        h = self.norm1(x, silu=True)
+        yield h
+        h = self.conv1(h)
+        yield h
+        h = self.norm2(h, silu=True)
+        yield h
+        h = self.conv2(h)
+        yield h
+        yield (self.conv_shortcut(x) if "conv_shortcut" in self else x) + h
+
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(self.norm1(x, silu=True))
-        h = self.conv2(self.norm2(h, silu=True))
-        if "conv_shortcut" in self:
-            x = self.conv_shortcut(x)
-        return x + h
+        for out in self.steps(x):
+            pass
+        return out
 
 
 class Downsample2D(nn.Module):

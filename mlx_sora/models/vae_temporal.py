@@ -18,12 +18,12 @@ Reference behaviour reproduced on purpose:
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import fast_ops
+from . import fast_ops, winograd
 from .config_checks import require_int, require_ints
 from .vae_spatial import GroupNorm
 
@@ -129,6 +129,9 @@ class CausalConv3d(nn.Module):
         if fast_ops.fast_cpu() and x.dtype == mx.float32 and conv.stride == (1, 1, 1):
             # CPU: the convolution as matrix products, time folded into the channels (fast_ops)
             bias = conv.bias if "bias" in conv else None
+            o, kt, kh, kw, ci = conv.weight.shape
+            if conv.padding[1:] == (1, 1) and winograd.applies(x, (kh, kw), ci, o):  # F(2x2, 3x3) per frame
+                return winograd.conv3x3(x, conv.weight, bias, time_padding=(self.time_pad, 0))
             padding = [(self.time_pad, 0), *((p, p) for p in conv.padding[1:])]
             return fast_ops.conv_by_taps(x, conv.weight, bias, padding, fold=1)
         if self.time_pad > 0:
@@ -147,12 +150,22 @@ class ResBlock(nn.Module):
         if in_channels != filters:
             self.conv3 = CausalConv3d(in_channels, filters, 1, bias=False)
 
+    def steps(self, x: mx.array) -> Iterator[mx.array]:
+        """The block's intermediate results, then its output (``fast_ops.CpuParallel.run``)."""
+        h = norm_act(self.norm1, x, self.activation_fn)
+        yield h
+        h = self.conv1(h)
+        yield h
+        h = norm_act(self.norm2, h, self.activation_fn)
+        yield h
+        h = self.conv2(h)
+        yield h
+        yield h + (self.conv3(x) if "conv3" in self else x)
+
     def __call__(self, x: mx.array) -> mx.array:
-        h = self.conv1(norm_act(self.norm1, x, self.activation_fn))
-        h = self.conv2(norm_act(self.norm2, h, self.activation_fn))
-        if "conv3" in self:
-            x = self.conv3(x)
-        return h + x
+        for out in self.steps(x):
+            pass
+        return out
 
 
 class Encoder(nn.Module):
@@ -226,24 +239,25 @@ class Decoder(nn.Module):
         self.conv_blocks = conv_blocks
         self.norm1 = GroupNorm(c.num_groups, prev, TORCH_GROUPNORM_EPS)
         self.conv_out = CausalConv3d(width, c.in_out_channels, 3)
+        self.evaluate_layers = True
 
     # The decoder in stages (the VAE's units): input stage, one up stage per level (deepest first),
     # output stage.
+    # Each layer is evaluated before the next (``fast_ops.run_layers``: on the CPU the convolutions
+    # spread their work over the cores); set ``evaluate_layers`` False to trace the decoder.
     def stage_in(self, x: mx.array) -> mx.array:
-        x = self.conv1(x)
-        for block in self.res_blocks:
-            x = block(x)
-        return x
+        return fast_ops.run_layers([self.conv1, *self.res_blocks], x, self.evaluate_layers)
 
     def stage_up(self, level: int, x: mx.array) -> mx.array:
-        for block in self.block_res_blocks[level]:
-            x = block(x)
+        layers: list[Callable[[mx.array], mx.array]] = list(self.block_res_blocks[level])
         if level > 0:
-            x = depth_to_time(self.conv_blocks[level - 1](x), 2 if self.temporal_downsample[level - 1] else 1)
-        return x
+            factor = 2 if self.temporal_downsample[level - 1] else 1
+            layers.append(lambda h: depth_to_time(self.conv_blocks[level - 1](h), factor))
+        return fast_ops.run_layers(layers, x, self.evaluate_layers)
 
     def stage_out(self, x: mx.array) -> mx.array:
-        return self.conv_out(norm_act(self.norm1, x, self.activation_fn))
+        layers = [lambda h: self.conv_out(norm_act(self.norm1, h, self.activation_fn))]
+        return fast_ops.run_layers(layers, x, self.evaluate_layers)
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.stage_in(x)
