@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mlx_sora.models import fast_ops
+from mlx_sora.models.conv import conv_by_taps, upsample2x_conv3x3
 from mlx_sora.models.stdit3_layers import CaptionKeys, MultiHeadCrossAttention
 
 
@@ -84,7 +85,7 @@ def test_off_switch_uses_mlx_ops(monkeypatch):
 def test_conv_by_taps_2d(fold):
     x = mx.random.normal((2, 9, 7, 5), key=mx.random.key(2))
     conv = nn.Conv2d(5, 6, 3, padding=1)
-    got = fast_ops.conv_by_taps(x, conv.weight, conv.bias, [(1, 1), (1, 1)], fold=fold)
+    got = conv_by_taps(x, conv.weight, conv.bias, [(1, 1), (1, 1)], fold=fold)
     ref = conv(x)
     assert got.shape == ref.shape
     assert float(mx.abs(got - ref).max() / mx.abs(ref).max()) < 1e-6
@@ -94,7 +95,7 @@ def test_conv_by_taps_2d(fold):
 def test_conv_by_taps_causal_3d(fold):
     x = mx.random.normal((1, 4, 6, 5, 3), key=mx.random.key(3))
     conv = nn.Conv3d(3, 4, 3, padding=(0, 1, 1))
-    got = fast_ops.conv_by_taps(x, conv.weight, conv.bias, [(2, 0), (1, 1), (1, 1)], fold=fold)
+    got = conv_by_taps(x, conv.weight, conv.bias, [(2, 0), (1, 1), (1, 1)], fold=fold)
     ref = conv(mx.pad(x, [(0, 0), (2, 0), (0, 0), (0, 0), (0, 0)]))
     assert got.shape == ref.shape
     assert float(mx.abs(got - ref).max() / mx.abs(ref).max()) < 1e-6
@@ -103,7 +104,7 @@ def test_conv_by_taps_causal_3d(fold):
 def test_conv_by_taps_pointwise_without_bias():
     x = mx.random.normal((2, 3, 4, 8))
     w = mx.random.normal((5, 1, 1, 8))
-    got = fast_ops.conv_by_taps(x, w, None, [(0, 0), (0, 0)])
+    got = conv_by_taps(x, w, None, [(0, 0), (0, 0)])
     assert mx.allclose(got, x @ w.reshape(5, 8).T, atol=1e-5)
 
 
@@ -135,6 +136,6 @@ def test_upsample_conv_on_the_small_grid():
     x = mx.random.normal((2, 5, 7, 6), key=mx.random.key(5))
     conv = nn.Conv2d(6, 8, 3, padding=1)
     ref = conv(upsample_nearest_2x(x))
-    got = fast_ops.upsample2x_conv3x3(x, conv.weight, conv.bias)
+    got = upsample2x_conv3x3(x, conv.weight, conv.bias)
     assert got.shape == ref.shape
     assert float(mx.abs(got - ref).max() / mx.abs(ref).max()) < 1e-6

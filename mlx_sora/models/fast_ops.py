@@ -14,13 +14,13 @@ operations only, in compiled kernels of that shape:
 * ``silu``: x / (1 + exp(-x)) with the fast exp; max relative error 1.4e-7.
 * ``softmax`` / ``attention``: ``exp(s - max)`` with the fast exp; ``attention`` divides by the row
   sums after the product with V (an [N, d] instead of an [N, N] division; the same function).
-* ``conv_by_taps``: stride-1 convolutions as one matrix product per kernel tap on a flattened
-  padded input, instead of MLX's single-threaded im2col copy.
+* convolutions as matrix products: ``conv.py`` and ``winograd.py``.
 * ``cpu_parallel``: MLX runs each CPU stream on one thread, and its elementwise kernels on one
   core. The VAE decoders split their work into one part per core (the images of a batch, or the
-  output rows of each convolution), each part on its own stream with a single-threaded BLAS, so all
-  of the work, not only the matrix products, runs on every core (spatial decoder -22 % time per
-  frame at 192x192 on 2 cores; the temporal decoder gained nothing measurable, so it does not use it).
+  work of each convolution: output rows, Winograd's products), each part on its own stream with a
+  single-threaded BLAS, so all of the work, not only the matrix products, runs on every core
+  (spatial decoder -22 % time per frame at 192x192 on 2 cores). ``CpuParallel.run`` evaluates the
+  parts of a layer with ``steps`` in lockstep (see there why).
 
 Off the CPU these functions use MLX's own kernels (``nn.gelu_approx``, ``nn.silu``,
 ``mx.fast.scaled_dot_product_attention``, ``nn.Conv*``), which are fused and fast on Metal/CUDA:
@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import itertools
 import math
 import os
 from typing import Callable, Iterator
@@ -211,63 +210,6 @@ def gelu_tanh(x: mx.array) -> mx.array:
     return _gelu_tanh_f32(x.astype(mx.float32)).astype(x.dtype)
 
 
-# ------------------------------------------------------------------------------ convolution
-
-
-def conv_by_taps(
-    x: mx.array, weight: mx.array, bias: mx.array | None, padding: list[tuple[int, int]], fold: int = 0
-) -> mx.array:
-    """Stride-1 convolution of channels-last ``x`` [N, *spatial, C_in] with ``weight`` [O, *kernel, C_in]
-    and zero ``padding`` (before, after) per spatial axis, as one matrix product per kernel tap.
-
-    MLX's CPU convolution copies the input once per tap into an im2col matrix (on one thread) before
-    its matrix product. Here the padded input is flattened to rows [N * prod(grid), C]; the input
-    row of output position p for tap t is row p + offset(t), so each tap multiplies a contiguous
-    slice of the same matrix (no copy) and accumulates into the output (``addmm``). Outputs are
-    computed on the padded grid and cropped (a view); a zero sample appended to the batch keeps the
-    last taps' slices in range. The first ``fold`` kernel axes are folded into the channels instead
-    (shifted copies side by side: fewer, larger products and no padding waste along those axes).
-    Same sums, in a different order.
-    """
-    n, ci = x.shape[0], x.shape[-1]
-    o, kernel = weight.shape[0], weight.shape[1:-1]
-    if all(k == 1 for k in kernel) and not any(any(p) for p in padding):  # 1x1: one product
-        w = weight.reshape(o, ci).T
-        flat = x.reshape(-1, ci)
-        return (flat @ w if bias is None else mx.addmm(bias.astype(x.dtype), flat, w)).reshape(
-            *x.shape[:-1], o
-        )
-    padded = mx.pad(x, [(0, 1), *padding, (0, 0)])
-    out_size = [p - k + 1 for p, k in zip(padded.shape[1:-1], kernel)]
-    if fold:
-        pieces = [
-            padded[(slice(None), *(slice(s, s + m) for s, m in zip(shift, out_size)))]
-            for shift in itertools.product(*(range(k) for k in kernel[:fold]))
-        ]
-        padded = mx.concatenate(pieces, axis=-1)
-        order = (0, *range(fold + 1, len(kernel) + 1), *range(1, fold + 1), len(kernel) + 1)
-        weight = weight.transpose(order)
-    grid = padded.shape[1:-1]
-    row_strides = [math.prod(grid[d + 1 :]) for d in range(len(grid))]
-    rows = n * math.prod(grid)
-    flat = padded.reshape(-1, padded.shape[-1])
-    taps = weight.reshape(o, math.prod(kernel[fold:]), -1).transpose(1, 2, 0)  # [taps, K, O]
-    b = mx.zeros((o,), x.dtype) if bias is None else bias.astype(x.dtype)
-    offsets = [0]
-    for size, stride in zip(kernel[fold:], row_strides[fold:]):
-        offsets = [off + k * stride for off in offsets for k in range(size)]
-    ranges = _row_ranges(rows, _ROW_PARTS.get())  # parts of the output rows, one per stream
-    outs = []
-    for (start, end), stream in zip(ranges, on_streams(len(ranges))):
-        with stream:
-            out = b
-            for index, offset in enumerate(offsets):
-                out = mx.addmm(out, flat[offset + start : offset + end], taps[index])
-        outs.append(out)
-    out = (outs[0] if len(outs) == 1 else mx.concatenate(outs)).reshape(n, *grid, o)
-    return out[(slice(None), *(slice(0, m) for m in out_size))]
-
-
 # ------------------------------------------------------------------------------ SiLU
 
 
@@ -302,41 +244,10 @@ def silu(x: mx.array) -> mx.array:
     return _fast_silu(x)
 
 
-def upsample2x_conv3x3(x: mx.array, weight: mx.array, bias: mx.array | None) -> mx.array:
-    """``conv3x3(nearest_upsample_2x(x))`` with padding 1, computed on the low-resolution input.
-
-    Output pixel (2i + py, 2j + px) sees input rows {i-1, i} (py = 0, weights {W0, W1 + W2}) or
-    {i, i+1} (py = 1, weights {W0 + W1, W2}), and likewise columns: each of the 4 output phases is a
-    2x2 convolution of x with summed weights, 16 products on the small grid instead of 9 on the 4x
-    larger one (0.44x the arithmetic), and no upsampled copy. Same function, sums grouped differently.
-    """
-    n, h, w, ci = x.shape
-    o = weight.shape[0]
-    merge = ([[0], [1, 2]], [[0, 1], [2]])  # kernel rows (or columns) that land on each source offset
-    padded = mx.pad(x, [(0, 1), (1, 1), (1, 1), (0, 0)])  # + a zero sample: every tap slice in range
-    grid_w = w + 2
-    rows = n * (h + 2) * grid_w
-    flat = padded.reshape(-1, ci)
-    b = mx.zeros((o,), x.dtype) if bias is None else bias.astype(x.dtype)
-    phases = []
-    streams = on_streams(min(4, _ROW_PARTS.get()))  # the phases are independent: spread over streams
-    for phase, (py, px) in enumerate(itertools.product((0, 1), (0, 1))):
-        with streams[phase % len(streams)]:
-            out = b
-            for a, kernel_rows in enumerate(merge[py]):
-                for c, kernel_cols in enumerate(merge[px]):
-                    tap = sum(weight[:, r, col] for r in kernel_rows for col in kernel_cols)  # [O, C_in]
-                    offset = (py + a) * grid_w + (px + c)
-                    out = mx.addmm(out, flat[offset : offset + rows], tap.T)
-        phases.append(out.reshape(n, h + 2, grid_w, o)[:, :h, :w])
-    out = mx.stack(phases, axis=3).reshape(n, h, w, 2, 2, o)  # [n, i, j, py, px, o]
-    return out.transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, o)
-
-
 # ------------------------------------------------------------------------------ parallel CPU work
 
-# How many parts ``conv_by_taps`` / ``upsample2x_conv3x3`` split their output rows into (set by
-# ``cpu_parallel``; 1 = all on the current stream).
+# How many parts the convolutions of ``conv.py`` / ``winograd.py`` split their work
+# into (set by ``cpu_parallel``; 1 = all on the current stream).
 _ROW_PARTS: contextvars.ContextVar[int] = contextvars.ContextVar("mlx_sora_row_parts", default=1)
 _EXTRA_STREAMS: list = []  # mx.ThreadLocalStream: a stream (and its thread) per Python thread
 
@@ -501,8 +412,3 @@ def run_layers(layers: list[Callable[[mx.array], mx.array]], x: mx.array, evalua
         x = work.join(parts)
         mx.eval(x)
     return x
-
-
-def _row_ranges(rows: int, parts: int) -> list[tuple[int, int]]:
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]

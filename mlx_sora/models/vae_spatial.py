@@ -24,6 +24,7 @@ import mlx.nn as nn
 
 from . import fast_ops, winograd
 from .config_checks import require_int, require_ints
+from .conv import conv_by_taps, upsample2x_conv3x3
 
 # The spatial VAE of hpcai-tech/OpenSora-VAE-v1.2 is loaded by the reference from
 # "PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers" (subfolder "vae"): the SDXL VAE. Its config.json:
@@ -202,7 +203,7 @@ def _all_one(value: int | tuple[int, ...]) -> bool:
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters) that runs stride-1 float32 convolutions on the CPU as matrix
     products: 3x3 with padding 1 by Winograd's F(2x2, 3x3) (``winograd.conv3x3``), others one product
-    per tap (``fast_ops.conv_by_taps``, 1x1 as one product), instead of MLX's im2col copy + product."""
+    per tap (``conv_by_taps``, 1x1 as one product), instead of MLX's im2col copy + product."""
 
     def __call__(self, x: mx.array) -> mx.array:
         if not (fast_ops.fast_cpu() and x.dtype == mx.float32 and _all_one(self.stride)
@@ -212,7 +213,7 @@ class Conv2d(nn.Conv2d):
         o, kh, kw, ci = self.weight.shape
         if self.padding == (1, 1) and winograd.applies(x, (kh, kw), ci, o):
             return winograd.conv3x3(x, self.weight, bias)
-        return fast_ops.conv_by_taps(x, self.weight, bias, [(p, p) for p in self.padding])
+        return conv_by_taps(x, self.weight, bias, [(p, p) for p in self.padding])
 
 
 class ResnetBlock2D(nn.Module):
@@ -272,7 +273,7 @@ class Upsample2D(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         conv = self.conv
         if fast_ops.fast_cpu() and x.dtype == mx.float32:  # the same, on the small grid (0.44x the work)
-            return fast_ops.upsample2x_conv3x3(x, conv.weight, conv.bias if "bias" in conv else None)
+            return upsample2x_conv3x3(x, conv.weight, conv.bias if "bias" in conv else None)
         return conv(upsample_nearest_2x(x))
 
 

@@ -25,6 +25,7 @@ import mlx.nn as nn
 
 from . import fast_ops, winograd
 from .config_checks import require_int, require_ints
+from .conv import conv_by_taps
 from .vae_spatial import GroupNorm
 
 TORCH_GROUPNORM_EPS = 1e-5  # the reference uses nn.GroupNorm's default eps
@@ -133,7 +134,7 @@ class CausalConv3d(nn.Module):
             if conv.padding[1:] == (1, 1) and winograd.applies(x, (kh, kw), ci, o):  # F(2x2, 3x3) per frame
                 return winograd.conv3x3(x, conv.weight, bias, time_padding=(self.time_pad, 0))
             padding = [(self.time_pad, 0), *((p, p) for p in conv.padding[1:])]
-            return fast_ops.conv_by_taps(x, conv.weight, bias, padding, fold=1)
+            return conv_by_taps(x, conv.weight, bias, padding, fold=1)
         if self.time_pad > 0:
             x = mx.pad(x, [(0, 0), (self.time_pad, 0), (0, 0), (0, 0), (0, 0)])
         return conv(x)

@@ -1,7 +1,7 @@
 """3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3), for MLX on the CPU.
 
 Why: the VAE decoders spend most of their time in 3x3 convolutions (stride 1, zero padding 1). Done
-as matrix products (``fast_ops.conv_by_taps``, or MLX's im2col), each output pixel costs 9 * C_in
+as matrix products (``conv.conv_by_taps``, or MLX's im2col), each output pixel costs 9 * C_in
 multiply-adds per output channel. Winograd's algorithm computes a 2x2 output tile from a 4x4 input
 tile with 16 products instead of 36: the input tiles and the filters are transformed, 16 matrix
 products [tiles, C_in] x [C_in, C_out] replace the 9 taps (2.25x fewer multiply-adds), and the
