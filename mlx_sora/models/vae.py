@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import ModelFamily, register_family
+from . import ModelFamily, fast_ops, register_family
 from .config_checks import require_int, require_number
 from .units import Unit, WeightPolicy, attach_units, run_units
 from .vae_spatial import KNOWN_SPATIAL_VAES, AutoencoderKL, AutoencoderKLConfig
@@ -217,17 +217,26 @@ class OpenSoraVAE(nn.Module):
 
     # ------------------------------------------------------------------ memory
 
-    # Peak activation memory per pixel, measured at float32 on the released architecture (CPU):
-    # the temporal decoder per latent pixel of one 5-frame chunk, the spatial decoder per output
-    # pixel of one frame (im2col buffers of the 3x3 convs at full resolution dominate).
+    # Peak activation memory per pixel, measured at float32 on the released architecture: the
+    # temporal decoder per latent pixel of one 5-frame chunk, the spatial decoder per output pixel of
+    # one frame. With MLX's own convolutions (im2col buffers of the 3x3 convs at full resolution
+    # dominate; what runs off the CPU fast path) ...
     TEMPORAL_BYTES_PER_LATENT_PIXEL = 1.6e6
     SPATIAL_BYTES_PER_PIXEL = 3.2e4
+    # ... and on the CPU fast path (Winograd / tap-by-tap products, no im2col): measured 2.8e5 and
+    # 8.7e3 at 256x256, micro-batch 1 (scripts/bench_vae.py: stage peak minus the 0.80 GiB of decoder
+    # weights), with a 1.6x / 1.5x margin.
+    CPU_TEMPORAL_BYTES_PER_LATENT_PIXEL = 4.5e5
+    CPU_SPATIAL_BYTES_PER_PIXEL = 1.3e4
 
     def decode_activation_bytes(self, batch: int, latent_h: int, latent_w: int) -> int:
         """Estimated peak of the decoding activations with the current micro-batch and tiling."""
         config, itemsize_ratio = self.config, self.compute_dtype.size / 4
+        cpu = fast_ops.fast_cpu() and self.compute_dtype == mx.float32
+        per_latent_pixel = self.CPU_TEMPORAL_BYTES_PER_LATENT_PIXEL if cpu else self.TEMPORAL_BYTES_PER_LATENT_PIXEL
+        per_pixel = self.CPU_SPATIAL_BYTES_PER_PIXEL if cpu else self.SPATIAL_BYTES_PER_PIXEL
         temporal_width = config.temporal_vae.filters * max(config.temporal_vae.channel_multipliers) / 512
-        temporal = self.TEMPORAL_BYTES_PER_LATENT_PIXEL * temporal_width * batch * latent_h * latent_w
+        temporal = per_latent_pixel * temporal_width * batch * latent_h * latent_w
         f = self.spatial_factor
         if self.tiling and max(latent_h, latent_w) > self.tile_size:
             tile_h, tile_w = min(self.tile_size, latent_h), min(self.tile_size, latent_w)
@@ -235,7 +244,7 @@ class OpenSoraVAE(nn.Module):
             tile_h, tile_w = latent_h, latent_w
         images = self.micro_batch_size or batch * (self.micro_frame_size or 17)
         spatial_width = max(config.spatial_vae.block_out_channels) / 512
-        spatial = self.SPATIAL_BYTES_PER_PIXEL * spatial_width * images * (f * tile_h) * (f * tile_w)
+        spatial = per_pixel * spatial_width * images * (f * tile_h) * (f * tile_w)
         return int(itemsize_ratio * max(temporal, spatial))
 
     # ------------------------------------------------------------------ decoding
