@@ -187,15 +187,17 @@ class STDiT3(nn.Module):
     def activation_bytes(self, batch: int, latent_size: tuple[int, int, int], caption_len: int) -> int:
         """Estimated peak memory of the activations of one block unit for latents [batch, C, T, H, W].
 
-        Measured (float32, XL/2, batch 2): ~26-28x the token tensor [B, T, S, C] (the MLP's hidden
-        states and their GELU temporaries dominate), or the cross-attention scores when the caption
-        is long."""
+        Measured (float32, XL/2, batch 2): ~23-31x the token tensor [B, T, S, C] (one block alone at
+        256x256x68: 28.5x; within a whole streamed run there 30.9x, where a 30x estimate let a 2 GB
+        run end 8 MiB over; the spatial attention scores and their softmax temporaries dominate at
+        that size, chunking the MLP over tokens changed nothing), or the cross-attention scores when
+        the caption is long."""
         c, itemsize = self.config, self.compute_dtype.size
         t, h, w = (-(-n // p) for n, p in zip(latent_size, c.patch_size))
         tokens = batch * t * h * w
         hidden = tokens * c.hidden_size * itemsize
         cross = 2 * tokens * c.num_heads * caption_len * itemsize
-        return max(30 * hidden, 8 * hidden + cross)
+        return max(32 * hidden, 8 * hidden + cross)
 
     def null_caption(self, batch: int) -> mx.array:
         """The classifier-free-guidance null caption [batch, 1, L, C_caption] (``y_embedding``)."""
