@@ -4,6 +4,7 @@ the CPU allocator policy (``keep_freed_cpu_memory`` / ``release_freed_cpu_memory
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import resource
@@ -67,22 +68,21 @@ def available_memory() -> int:
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-_allocator_state: dict[str, object] = {}
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    if "libc" not in _allocator_state:
-        libc = None
-        if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-            try:
-                libc = ctypes.CDLL(None)
-                libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
-            except (OSError, AttributeError):
-                libc = None
-        _allocator_state["libc"] = libc
-    return _allocator_state["libc"]  # type: ignore[return-value]
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
+@functools.cache
 def keep_freed_cpu_memory() -> bool:
     """Let the process reuse the memory MLX frees on the CPU instead of handing it back to the OS at
     once (Linux with glibc; elsewhere nothing changes). Returns whether the policy is on.
@@ -93,16 +93,14 @@ def keep_freed_cpu_memory() -> bool:
     the memory kept: most of the time of MLX's elementwise ops, and of every matrix product's output,
     went to page faults. With ``mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB - 1)`` freed blocks stay
     in the heap for the next allocation: the CPU counterpart of MLX's buffer cache on Metal.
-    ``release_freed_cpu_memory`` gives the free pages back (after each phase and each streamed unit).
+    ``release_freed_cpu_memory`` gives the free pages back (after each phase, and after a streamed
+    unit when memory is tight).
     Idempotent; ``MLX_SORA_KEEP_FREED_MEMORY=0`` turns it off.
     """
-    if "kept" not in _allocator_state:
-        libc = _glibc()
-        kept = libc is not None and os.environ.get("MLX_SORA_KEEP_FREED_MEMORY", "1") != "0"
-        if kept:
-            kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-        _allocator_state["kept"] = kept
-    return bool(_allocator_state["kept"])
+    libc = _glibc()
+    if libc is None or os.environ.get("MLX_SORA_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def release_freed_cpu_memory() -> None:

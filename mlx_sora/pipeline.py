@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .loading import build_model, load_model, parse_dtype
-from .memory import PhaseReport, keep_freed_cpu_memory, measure_phase, process_rss, release_freed_cpu_memory
+from .memory import PhaseReport, measure_phase, process_rss, release_freed_cpu_memory
 from .models.units import run_units
 from .registry import GenerationDefaults, ModelBundle, resolve_model
 from .request import GenerationRequest
@@ -137,7 +137,6 @@ class Pipeline:
         self.overlap = overlap
         self.keep_loaded = keep_loaded
         self.tokenizer = T5Tokenizer.from_folder(self.components["text_encoder"])
-        keep_freed_cpu_memory()
         # skeletons (lazy parameters, nothing allocated) for sizes, units and memory estimates
         self._skeletons = {c: build_model(p) for c, p in self.components.items()}
         for model_ in self._skeletons.values():

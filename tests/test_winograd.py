@@ -109,8 +109,10 @@ def test_layers_use_it_and_agree_with_mlx_convolutions(monkeypatch):
 
 
 def test_not_used_where_it_does_not_pay():
-    x = mx.zeros((1, 8, 8, 16))
-    assert not winograd.applies(x, (3, 3), 16, 64)  # too few channels
-    assert not winograd.applies(x, (1, 1), 64, 64)
-    assert not winograd.applies(x.astype(mx.bfloat16), (3, 3), 64, 64)
-    assert winograd.applies(mx.zeros((1, 8, 8, 64)), (3, 3), 64, 64)
+    x = mx.zeros((1, 8, 8, 64))
+    assert not winograd.applies(x, mx.zeros((64, 3, 3, 16)), (1, 1))  # too few channels
+    assert not winograd.applies(x, mx.zeros((64, 1, 1, 64)), (0, 0))
+    assert not winograd.applies(x, mx.zeros((64, 3, 3, 64)), (0, 0))  # other padding
+    assert not winograd.applies(x.astype(mx.bfloat16), mx.zeros((64, 3, 3, 64)), (1, 1))
+    assert winograd.applies(x, mx.zeros((64, 3, 3, 64)), (1, 1))
+    assert winograd.applies(mx.zeros((1, 5, 8, 8, 64)), mx.zeros((64, 3, 3, 3, 64)), (1, 1))

@@ -35,7 +35,7 @@ import contextvars
 import ctypes
 import math
 import os
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -249,7 +249,9 @@ def silu(x: mx.array) -> mx.array:
 # How many parts the convolutions of ``conv.py`` / ``winograd.py`` split their work
 # into (set by ``cpu_parallel``; 1 = all on the current stream).
 _ROW_PARTS: contextvars.ContextVar[int] = contextvars.ContextVar("mlx_sora_row_parts", default=1)
-_EXTRA_STREAMS: list = []  # mx.ThreadLocalStream: a stream (and its thread) per Python thread
+_EXTRA_STREAMS: list = []
+_Part = TypeVar("_Part")
+_Result = TypeVar("_Result")  # mx.ThreadLocalStream: a stream (and its thread) per Python thread
 
 
 def row_parts() -> int:
@@ -309,7 +311,7 @@ class CpuParallel:
         step = n // self.parts
         return [x[i : i + step] for i in range(0, n, step)]
 
-    def map(self, fn: Callable[[mx.array], mx.array], parts: list[mx.array]) -> list[mx.array]:
+    def map(self, fn: Callable[[_Part], _Result], parts: list[_Part]) -> list[_Result]:
         """fn on every part, each on its own stream (lazily: evaluate the results together)."""
         if len(parts) == 1:
             return [fn(parts[0])]
@@ -334,25 +336,14 @@ class CpuParallel:
             out = self.map(layer, parts)
             mx.eval(out)
             return out
-        contexts = [mx.stream(s) for s in self.streams] if len(parts) > 1 else [contextlib.nullcontext()]
-        token = _ROW_PARTS.set(1) if len(parts) > 1 else None
-        try:
-            generators = []
-            for part, context in zip(parts, contexts):
-                with context:
-                    generators.append(steps(part))
-            current = list(parts)
-            while True:
-                try:
-                    for i, (generator, context) in enumerate(zip(generators, contexts)):
-                        with context:
-                            current[i] = next(generator)
-                except StopIteration:
-                    return current
-                mx.eval(current)
-        finally:
-            if token is not None:
-                _ROW_PARTS.reset(token)
+        generators = [steps(part) for part in parts]  # (nothing runs until the first ``next``)
+        current = parts
+        while True:
+            try:
+                current = self.map(next, generators)  # each part's next step on its own stream
+            except StopIteration:
+                return current
+            mx.eval(current)
 
     @staticmethod
     def join(parts: list[mx.array]) -> mx.array:

@@ -210,8 +210,7 @@ class Conv2d(nn.Conv2d):
                 and _all_one(self.dilation) and self.groups == 1):
             return super().__call__(x)
         bias = self.bias if "bias" in self else None
-        o, kh, kw, ci = self.weight.shape
-        if self.padding == (1, 1) and winograd.applies(x, (kh, kw), ci, o):
+        if winograd.applies(x, self.weight, self.padding):
             return winograd.conv3x3(x, self.weight, bias)
         return conv_by_taps(x, self.weight, bias, [(p, p) for p in self.padding])
 

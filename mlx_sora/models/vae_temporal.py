@@ -130,8 +130,7 @@ class CausalConv3d(nn.Module):
         if fast_ops.fast_cpu() and x.dtype == mx.float32 and conv.stride == (1, 1, 1):
             # CPU: the convolution as matrix products, time folded into the channels (fast_ops)
             bias = conv.bias if "bias" in conv else None
-            o, kt, kh, kw, ci = conv.weight.shape
-            if conv.padding[1:] == (1, 1) and winograd.applies(x, (kh, kw), ci, o):  # F(2x2, 3x3) per frame
+            if winograd.applies(x, conv.weight, conv.padding[1:]):  # F(2x2, 3x3) per frame
                 return winograd.conv3x3(x, conv.weight, bias, time_padding=(self.time_pad, 0))
             padding = [(self.time_pad, 0), *((p, p) for p in conv.padding[1:])]
             return conv_by_taps(x, conv.weight, bias, padding, fold=1)

@@ -175,14 +175,15 @@ def conv3x3(
     return out if video else out[:, 0]
 
 
-def applies(x: mx.array, kernel: tuple[int, ...], in_channels: int, out_channels: int) -> bool:
+def applies(x: mx.array, weight: mx.array, spatial_padding: tuple[int, int]) -> bool:
     """Whether ``conv3x3`` is the faster way for this stride-1 convolution on the CPU: float32, a 3x3
-    spatial kernel, and enough channels on both sides that the 16 products dominate the transforms."""
+    spatial kernel (``weight`` [O, (kt,) kh, kw, C_in]) with padding 1, and enough channels on both
+    sides that the 16 products dominate the transforms."""
     return (
         fast_ops.fast_cpu()
         and x.dtype == mx.float32
-        and tuple(kernel[-2:]) == (3, 3)
-        and min(in_channels, out_channels) >= MIN_CHANNELS
+        and tuple(weight.shape[-3:-1]) == (3, 3)
+        and tuple(spatial_padding) == (1, 1)
+        and min(weight.shape[0], weight.shape[-1]) >= MIN_CHANNELS
         and math.prod(x.shape[-3:-1]) >= 4
     )
-
