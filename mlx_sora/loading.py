@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError, validate_safetensors
 from .fsutil import atomic_output_folder, check_output_folder, is_converted_folder
 from .memory import keep_freed_cpu_memory
 from .models import ModelFamily, family_for_type
-from .models.units import unit_for_key
+from .models.units import held_dtype, unit_for_key
 from .quantization import (
     DEFAULT_GROUP_SIZE,
     parse_quantization,
@@ -235,11 +235,9 @@ def read_weight_map(folder: str | Path) -> dict[str, str]:
     return weight_map
 
 
-def load_weight_files(
-    folder: str | Path, files: Iterable[str], dtype: mx.Dtype | None = None
-) -> dict[str, mx.array]:
+def load_weight_files(folder: str | Path, files: Iterable[str]) -> dict[str, mx.array]:
     """The tensors of some weight files of a converted folder, as lazy arrays (read from disk when
-    evaluated), floating ones cast to ``dtype`` when given."""
+    evaluated)."""
     weights: dict[str, mx.array] = {}
     for name in files:
         path = Path(folder) / name
@@ -250,8 +248,6 @@ def load_weight_files(
             weights.update(mx.load(str(path)))
         except Exception as e:  # mlx raises RuntimeError/ValueError on corrupt files
             raise CheckpointError(f"{path} is corrupt ({e}); convert the model again") from e
-    if dtype is not None:
-        weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     return weights
 
 
@@ -271,7 +267,8 @@ def load_model(folder: str | Path, dtype: str | mx.Dtype | None = None, lazy: bo
     if quantization is not None:  # the layers whose scales are stored are quantized (as mlx-lm)
         paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and f"{p}.scales" in weight_map]
         quantize_modules(model, paths, quantization)
-    weights = load_weight_files(folder, sorted(set(weight_map.values())), dtype)
+    weights = load_weight_files(folder, sorted(set(weight_map.values())))
+    weights = {k: v.astype(held_dtype(model, k, v.dtype, dtype)) for k, v in weights.items()}
     check_keys({k: tuple(v.shape) for k, v in weights.items()}, expected_parameters(model), str(folder))
     model.load_weights(list(weights.items()), strict=True)
     model.compute_dtype = dtype

@@ -37,7 +37,7 @@ from .checkpoint import CheckpointError
 from .errors import UserError
 from .loading import read_weight_map
 from .memory import GIB, available_memory, process_rss, release_freed_cpu_memory
-from .models.units import Unit, unit_for_key
+from .models.units import Unit, held_dtype, unit_for_key
 
 MIB = 1024**2
 
@@ -113,7 +113,7 @@ def unit_sizes(model: nn.Module, folder: str | Path, dtype: mx.Dtype, uses: dict
             count *= n
         unit = unit_for_key(model.units, key).name
         sizes[unit][1] += count * stored.size
-        sizes[unit][0] += count * (dtype.size if mx.issubdtype(stored, mx.floating) else stored.size)
+        sizes[unit][0] += count * held_dtype(model, key, stored, dtype).size
     chosen = units if units is not None else model.units
     return [UnitSize(u.name, *sizes[u.name], uses=(uses or {}).get(u.name, 1)) for u in chosen]
 
@@ -304,8 +304,7 @@ class StreamingWeights:
                     raw.update(_load_file(self.folder / file, self._read_stream))
             keys = self._keys[name]
             with mx.stream(self._cast_stream):
-                arrays = {k: raw[k].astype(self.dtype) if mx.issubdtype(raw[k].dtype, mx.floating) else raw[k]
-                          for k in keys}
+                arrays = {k: raw[k].astype(held_dtype(self.model, k, raw[k].dtype, self.dtype)) for k in keys}
         except KeyError as e:
             raise CheckpointError(f"{self.folder}: the weight file of unit {name} lacks {e}; convert again") from e
         self.model.update(tree_unflatten(list(arrays.items())))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,6 +129,28 @@ def test_streamed_t5_equals_resident(t5_folder):
     model, weights = streamed(t5_folder)
     out = run_units(model.units, model.check_inputs(ids, mask), weights, evaluate=True)
     np.testing.assert_array_equal(np.array(out), expected)
+
+
+def test_bfloat16_embedding_table_is_held_as_stored_and_gives_the_same_numbers(t5_folder, tmp_path):
+    """A bfloat16 T5 computed in float32 keeps its token embedding bfloat16 (the looked-up rows are
+    cast): half the bytes to load, the same output as casting the whole table first."""
+    config = json.loads((t5_folder / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("model_type", "mlx_sora")}
+    bf16_folder = mlx_sora.save_model(mlx_sora.load_model(t5_folder), tmp_path / "t5_bf16", "t5", config,
+                                      dtype="bfloat16", source_dir=t5_folder)
+    ids = np.array([[5, 6, 7, 1, 0, 0], [8, 9, 1, 0, 0, 0]])
+    mask = (ids > 0).astype(np.int64)
+    resident = mlx_sora.load_model(bf16_folder, dtype="float32")
+    assert resident.embed_tokens.weight.dtype == mx.bfloat16
+    assert resident.blocks[0].ff.wo.weight.dtype == mx.float32
+    out = np.array(resident(ids, mask))
+    resident.embed_tokens.weight = resident.embed_tokens.weight.astype(mx.float32)  # cast first
+    np.testing.assert_array_equal(np.array(resident(ids, mask)), out)
+    model, weights = streamed(bf16_folder)
+    np.testing.assert_array_equal(np.array(run_units(model.units, model.check_inputs(ids, mask), weights,
+                                                     evaluate=True)), out)
+    embed = {s.name: s for s in unit_sizes(model, bf16_folder, mx.float32)}["embed"]
+    assert embed.bytes == embed.read_bytes  # what the plan counts is what is held
 
 
 def test_streamed_vae_decode_equals_resident(vae_folder):

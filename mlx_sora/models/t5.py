@@ -248,6 +248,9 @@ class T5Encoder(nn.Module):
     ``block_00`` .. (``(x, bias) -> (x, bias)``), ``final_norm`` (``(x, bias) -> y``).
     """
 
+    lookup_tables = ("embed_tokens.weight", "relative_attention_bias.weight")
+    """Held in their stored dtype when narrower (``units.held_dtype``): the rows looked up are cast."""
+
     def __init__(self, config: T5Config, compute_dtype: mx.Dtype = mx.float32):
         super().__init__()
         self.config = config

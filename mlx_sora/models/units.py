@@ -59,6 +59,19 @@ def unit_for_key(units: Iterable[Unit], key: str) -> Unit:
     return best[1]
 
 
+def held_dtype(model: nn.Module, key: str, stored: mx.Dtype, compute: mx.Dtype) -> mx.Dtype:
+    """The dtype a stored weight is held in while the model runs: the compute dtype for floating
+    weights, except the lookup tables a model names in ``lookup_tables``. Those are read row by row
+    and the rows cast after the lookup (the same numbers as casting the table first), so a table
+    stored narrower than the compute dtype stays as stored: T5-XXL's 32128x4096 token embedding is
+    held as 263 MB of bfloat16 instead of being cast to 526 MB of float32 before every text encoding."""
+    if not mx.issubdtype(stored, mx.floating):
+        return stored
+    if key in getattr(model, "lookup_tables", ()) and stored.size < compute.size:
+        return stored
+    return compute
+
+
 def unit_parameter_keys(model: nn.Module, unit: Unit) -> list[str]:
     """The parameter keys a unit owns, in the model's order (allocates nothing)."""
     return [k for k, _ in tree_flatten(model.parameters()) if unit_for_key(model.units, k) is unit]
