@@ -181,7 +181,7 @@ class Pipeline:
                 t5.activation_bytes(batch, self.text_length), self.overlap, what)),
             _Phase("stdit3", plan_phase(
                 "denoising", self._sizes("stdit3", uses=request.sampler.num_steps), budget, baseline,
-                stdit.activation_bytes(2 * batch, latent, self.text_length), self.overlap, what)),
+                stdit.activation_bytes(2 * batch, latent), self.overlap, what)),
         ]
         chunks = len(vae.temporal_chunks(latent[0], request.num_frames))
         failure: MemoryBudgetError | None = None

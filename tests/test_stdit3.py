@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 
 import mlx_sora
 from mlx_sora.checkpoint import CheckpointError, CheckpointFolder
+from mlx_sora.models import stdit3_layers
 from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
 from mlx_sora.models.stdit3_layers import merge_frames, position_embedding_2d, rope_inv_freq, unmerge_frames
 from mlx_sora.models.units import run_units, unit_for_key
@@ -299,6 +300,41 @@ def test_tdtm_inactive_is_the_reference(model, tdtm, T):
     out = _tdtm_call(model, tdtm, tdtm[f"T{T}.x"], merge=False)
     assert_close(out, tdtm[f"T{T}.unmerged_out"], f"T{T} unmerged")
     assert_close(out, tdtm[f"T{T}.ref_out"], f"T{T} reference")
+
+
+@pytest.mark.parametrize("case", ["plain", "cfg", "tdtm"])
+def test_chunked_layers_equal_unchunked(model, io, tdtm, case, monkeypatch):
+    """Self-attention, cross-attention and MLP a few sequences / tokens at a time (what bounds a
+    block's activation peak at full size) give the very same numbers, which are the reference's."""
+    if case == "tdtm":
+        call, ref = lambda: _tdtm_call(model, tdtm, tdtm["T8.x"], merge=True), tdtm["T8.merged_out"]
+    else:
+        call, ref = lambda: _call(model, io, case), io[f"{case}.out"]
+    whole = _np(call())
+    chunks: list[int] = []
+    by_chunks = stdit3_layers.by_chunks
+
+    def counting(fn, x, item_bytes, axis=0):
+        calls = [0]
+        out = by_chunks(lambda part: (calls.__setitem__(0, calls[0] + 1), fn(part))[1], x, item_bytes, axis)
+        chunks.append(calls[0])
+        return out
+
+    monkeypatch.setattr(stdit3_layers, "by_chunks", counting)
+    monkeypatch.setattr(stdit3_layers, "CHUNK_BYTES", 8_000)
+    out = call()
+    assert min(chunks) >= 2  # every chunked layer (attention, cross-attention, MLP) ran in chunks
+    np.testing.assert_array_equal(_np(out), whole)
+    assert_close(out, ref, case)
+
+
+def test_by_chunks_splits_along_an_axis_within_the_bound(monkeypatch):
+    monkeypatch.setattr(stdit3_layers, "CHUNK_BYTES", 400)
+    x = mx.arange(2 * 10 * 3).reshape(2, 10, 3)
+    sizes: list[int] = []
+    out = stdit3_layers.by_chunks(lambda part: (sizes.append(part.shape[1]), part * 2)[1], x, 100, axis=1)
+    assert sizes == [4, 4, 2]  # at most CHUNK_BYTES // item_bytes = 4 items per chunk
+    np.testing.assert_array_equal(np.array(out), np.array(x) * 2)
 
 
 def _reference_merge_rule(x: np.ndarray) -> np.ndarray:

@@ -222,7 +222,7 @@ def test_peak_stays_within_the_plan(medium_stdit, overlap):
     model = mlx_sora.load_model(medium_stdit, lazy=True)
     sizes = unit_sizes(model, medium_stdit, mx.float32, uses={u.name: 30 for u in model.units})
     block = max(s.bytes for s in sizes)
-    activations = model.activation_bytes(2, (3, 8, 8), 8)
+    activations = model.activation_bytes(2, (3, 8, 8))
     budget = activations + 5 * block  # room for a few resident blocks + the streamed ones in flight
     plan = plan_phase("denoising", sizes, budget, baseline=0, activations=activations, overlap=overlap)
     assert 0 < len(plan.resident) < len(sizes) and plan.streamed

@@ -32,12 +32,14 @@ from ..checkpoint import CheckpointError
 from . import ModelFamily, register_family
 from .config_checks import require_int, require_ints, require_number
 from .stdit3_layers import (
+    CHUNK_BYTES,
     CaptionEmbedder,
     CaptionKeys,
     PatchEmbed3D,
     STDiT3Block,
     T2IFinalLayer,
     TimestepEmbedder,
+    attention_item_bytes,
     position_embedding_2d,
     rope_inv_freq,
 )
@@ -184,20 +186,20 @@ class STDiT3(nn.Module):
             x = block(x, state.y, state.t_mlp, state.key_mask, state.x_mask, state.t0_mlp, state.merge)
         return x, state
 
-    def activation_bytes(self, batch: int, latent_size: tuple[int, int, int], caption_len: int) -> int:
+    def activation_bytes(self, batch: int, latent_size: tuple[int, int, int]) -> int:
         """Estimated peak memory of the activations of one block unit for latents [batch, C, T, H, W].
 
-        Measured (float32, XL/2, batch 2): ~23-31x the token tensor [B, T, S, C] (one block alone at
-        256x256x68: 28.5x; within a whole streamed run there 30.9x, where a 30x estimate let a 2 GB
-        run end 8 MiB over; the spatial attention scores and their softmax temporaries dominate at
-        that size, chunking the MLP over tokens changed nothing), or the cross-attention scores when
-        the caption is long."""
+        Attention and MLP run a chunk at a time (``stdit3_layers.CHUNK_BYTES``), so the peak is a few
+        copies of the token tensor [B, T, S, C] plus a few chunks. Measured (float32, XL/2, batch 2,
+        one unit alone): 256x256x68 (token tensor 45 MiB) 8.6x it = 387 MiB, 8.3x with TDTM;
+        192x192x17 (6.3 MiB) 107 MiB; the estimate says 440 and 130 MiB. A chunk is one sequence
+        where a single one is larger (spatial attention at high resolution); cross-attention runs a
+        chunk of query tokens at a time, whatever the caption length."""
         c, itemsize = self.config, self.compute_dtype.size
         t, h, w = (-(-n // p) for n, p in zip(latent_size, c.patch_size))
-        tokens = batch * t * h * w
-        hidden = tokens * c.hidden_size * itemsize
-        cross = 2 * tokens * c.num_heads * caption_len * itemsize
-        return max(32 * hidden, 8 * hidden + cross)
+        hidden = batch * t * h * w * c.hidden_size * itemsize
+        item = max(attention_item_bytes(n, c.hidden_size, c.num_heads, itemsize) for n in (h * w, t))
+        return 8 * hidden + 5 * max(CHUNK_BYTES, item)
 
     def null_caption(self, batch: int) -> mx.array:
         """The classifier-free-guidance null caption [batch, 1, L, C_caption] (``y_embedding``)."""
