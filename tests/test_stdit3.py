@@ -321,19 +321,27 @@ def test_chunked_layers_equal_unchunked(model, io, tdtm, case, monkeypatch):
         return out
 
     monkeypatch.setattr(stdit3_layers, "by_chunks", counting)
-    monkeypatch.setattr(stdit3_layers, "CHUNK_BYTES", 8_000)
-    out = call()
+    with stdit3_layers.chunked_layers(8_000):
+        out = call()
     assert min(chunks) >= 2  # every chunked layer (attention, cross-attention, MLP) ran in chunks
     np.testing.assert_array_equal(_np(out), whole)
     assert_close(out, ref, case)
 
 
-def test_by_chunks_splits_along_an_axis_within_the_bound(monkeypatch):
-    monkeypatch.setattr(stdit3_layers, "CHUNK_BYTES", 400)
+def test_by_chunks_splits_along_an_axis_within_the_bound():
     x = mx.arange(2 * 10 * 3).reshape(2, 10, 3)
     sizes: list[int] = []
-    out = stdit3_layers.by_chunks(lambda part: (sizes.append(part.shape[1]), part * 2)[1], x, 100, axis=1)
-    assert sizes == [4, 4, 2]  # at most CHUNK_BYTES // item_bytes = 4 items per chunk
+
+    def double(part: mx.array) -> mx.array:
+        sizes.append(part.shape[1])
+        return part * 2
+
+    assert np.array_equal(np.array(stdit3_layers.by_chunks(double, x, 100, axis=1)), np.array(x) * 2)
+    assert sizes == [10]  # whole outside chunked_layers
+    sizes.clear()
+    with stdit3_layers.chunked_layers(400):
+        out = stdit3_layers.by_chunks(double, x, 100, axis=1)
+    assert sizes == [4, 4, 2]  # at most 400 // 100 = 4 items per chunk
     np.testing.assert_array_equal(np.array(out), np.array(x) * 2)
 
 

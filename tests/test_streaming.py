@@ -222,7 +222,7 @@ def test_peak_stays_within_the_plan(medium_stdit, overlap):
     model = mlx_sora.load_model(medium_stdit, lazy=True)
     sizes = unit_sizes(model, medium_stdit, mx.float32, uses={u.name: 30 for u in model.units})
     block = max(s.bytes for s in sizes)
-    activations = model.activation_bytes(2, (3, 8, 8))
+    activations = model.activation_bytes(2, (3, 8, 8), 8)
     budget = activations + 5 * block  # room for a few resident blocks + the streamed ones in flight
     plan = plan_phase("denoising", sizes, budget, baseline=0, activations=activations, overlap=overlap)
     assert 0 < len(plan.resident) < len(sizes) and plan.streamed
@@ -238,6 +238,28 @@ def test_peak_stays_within_the_plan(medium_stdit, overlap):
     peak = mx.get_peak_memory() - base
     # documented margin: 10 % (MLX's own temporaries) + 1 MiB
     assert peak <= 1.1 * plan.expected_peak + MIB, (peak, plan.expected_peak)
+
+
+def test_denoising_layers_are_chunked_only_when_the_budget_needs_it(tiny_model_folder, monkeypatch):
+    """A plan that fits with STDiT3's layers built whole keeps them whole (faster); one that only fits
+    with them built a chunk at a time gets chunks, and says so."""
+    from mlx_sora.models import stdit3_layers
+
+    def estimate(batch, latent, caption_len, chunk_bytes=None):
+        return 2 * 2**30 if chunk_bytes is None else 10 * MIB  # as at full size: chunks need far less
+
+    options = dict(image_size=(64, 64), num_frames=1, steps=1, seed=0)
+    for budget, chunked in (("100GB", False), ("1.5GB", True)):
+        pipe = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget=budget)
+        monkeypatch.setattr(pipe._skeletons["stdit3"], "activation_bytes", estimate)
+        request = mlx_sora.request.GenerationRequest.build("a cat", pipe.defaults, model_name="tiny", **options)
+        denoising = pipe.plan(request)[1]
+        assert denoising.chunk_bytes == (stdit3_layers.CHUNK_BYTES if chunked else None)
+        assert any("at a time to fit the budget" in n for n in denoising.plan.notes) == chunked
+    pipe = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget="1MB")
+    monkeypatch.setattr(pipe._skeletons["stdit3"], "activation_bytes", lambda *a, **k: 4 * 2**30)
+    with pytest.raises(MemoryBudgetError):  # chunks that would not help: the whole-layer minimum is named
+        pipe.plan(mlx_sora.request.GenerationRequest.build("a cat", pipe.defaults, model_name="tiny", **options))
 
 
 # ---------------------------------------------------------------- errors

@@ -32,7 +32,6 @@ from ..checkpoint import CheckpointError
 from . import ModelFamily, register_family
 from .config_checks import require_int, require_ints, require_number
 from .stdit3_layers import (
-    CHUNK_BYTES,
     CaptionEmbedder,
     CaptionKeys,
     PatchEmbed3D,
@@ -186,20 +185,25 @@ class STDiT3(nn.Module):
             x = block(x, state.y, state.t_mlp, state.key_mask, state.x_mask, state.t0_mlp, state.merge)
         return x, state
 
-    def activation_bytes(self, batch: int, latent_size: tuple[int, int, int]) -> int:
-        """Estimated peak memory of the activations of one block unit for latents [batch, C, T, H, W].
+    def activation_bytes(self, batch: int, latent_size: tuple[int, int, int], caption_len: int,
+                         chunk_bytes: int | None = None) -> int:
+        """Estimated peak memory of the activations of one block unit for latents [batch, C, T, H, W],
+        with its layers built whole (``chunk_bytes`` None) or a chunk at a time
+        (``stdit3_layers.chunked_layers(chunk_bytes)``).
 
-        Attention and MLP run a chunk at a time (``stdit3_layers.CHUNK_BYTES``), so the peak is a few
-        copies of the token tensor [B, T, S, C] plus a few chunks. Measured (float32, XL/2, batch 2,
-        one unit alone): 256x256x68 (token tensor 45 MiB) 8.6x it = 387 MiB, 8.3x with TDTM;
-        192x192x17 (6.3 MiB) 107 MiB; the estimate says 440 and 130 MiB. A chunk is one sequence
-        where a single one is larger (spatial attention at high resolution); cross-attention runs a
-        chunk of query tokens at a time, whatever the caption length."""
+        Measured (float32, XL/2, batch 2, one unit alone), as multiples of the token tensor
+        [B, T, S, C]: whole, 23-31x (256x256x68: 28.5-30.1x alone, 30.9x within a streamed run), or
+        the cross-attention scores when the caption is long; in 16 MiB chunks, 8.6x at 256x256x68
+        (8.3x with TDTM) and 107 MiB at 192x192x17, where the estimate says 440 and 130 MiB. A chunk
+        is one sequence where a single one is larger (spatial attention at high resolution)."""
         c, itemsize = self.config, self.compute_dtype.size
         t, h, w = (-(-n // p) for n, p in zip(latent_size, c.patch_size))
-        hidden = batch * t * h * w * c.hidden_size * itemsize
+        tokens = batch * t * h * w
+        hidden = tokens * c.hidden_size * itemsize
+        if chunk_bytes is None:
+            return max(32 * hidden, 8 * hidden + 2 * tokens * c.num_heads * caption_len * itemsize)
         item = max(attention_item_bytes(n, c.hidden_size, c.num_heads, itemsize) for n in (h * w, t))
-        return 8 * hidden + 5 * max(CHUNK_BYTES, item)
+        return 8 * hidden + 5 * max(chunk_bytes, item)
 
     def null_caption(self, batch: int) -> mx.array:
         """The classifier-free-guidance null caption [batch, 1, L, C_caption] (``y_embedding``)."""

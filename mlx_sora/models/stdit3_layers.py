@@ -12,9 +12,12 @@ averaged, attention runs on T//2 frames and its result is repeated for both fram
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -26,12 +29,25 @@ LAYER_NORM_EPS = 1e-6
 QK_NORM_EPS = 1e-6
 ROPE_THETA = 10000.0
 CHUNK_BYTES = 16 * 2**20
-"""The most the temporaries of one chunk of a chunked layer (attention, MLP) may take. Attention
-scores, q/k/v and the MLP's hidden layer are built a chunk of sequences or tokens at a time, so a
-block's activation peak stays a small multiple of its token tensor (a spatial + temporal block of
-STDiT3-XL/2 at 256x256x68, float32: 30.1x unchunked; 11.4x with 32 MiB chunks, 8.6x with 16 MiB,
-7.1x with 8 MiB, at the same speed down to 16 MiB). The items of a chunked layer are independent:
-chunked == unchunked, bit for bit."""
+"""Chunk size of ``chunked_layers``: the most the temporaries of one chunk of a chunked layer
+(attention, cross-attention, MLP) may take."""
+
+_chunk_limit: contextvars.ContextVar[int | None] = contextvars.ContextVar("stdit3_chunk_limit", default=None)
+
+
+@contextlib.contextmanager
+def chunked_layers(chunk_bytes: int | None = CHUNK_BYTES) -> Iterator[None]:
+    """Within it, STDiT3's attention scores, q/k/v and MLP hidden layer are built a chunk of
+    sequences or tokens at a time (None: all at once, the default). A spatial + temporal block of
+    STDiT3-XL/2 at 256x256x68, float32, then peaks at 8.6x its token tensor instead of 30.1x (11.4x
+    with 32 MiB chunks, 7.1x with 8 MiB), for 5-10 % more time per block on this CPU, so the
+    pipeline turns it on only when a memory budget needs it. The items of a chunked layer are
+    independent: chunked == unchunked, bit for bit."""
+    token = _chunk_limit.set(chunk_bytes)
+    try:
+        yield
+    finally:
+        _chunk_limit.reset(token)
 
 
 def attention_item_bytes(seq_len: int, dim: int, num_heads: int, itemsize: int) -> int:
@@ -41,10 +57,14 @@ def attention_item_bytes(seq_len: int, dim: int, num_heads: int, itemsize: int) 
 
 
 def by_chunks(fn, x: mx.array, item_bytes: int, axis: int = 0) -> mx.array:
-    """``fn(x)`` computed on slices of ``x`` along ``axis`` of at most ``CHUNK_BYTES // item_bytes``
-    items each (balanced), concatenated; for an ``fn`` that treats the items independently."""
+    """``fn(x)``; within ``chunked_layers``, computed on slices of ``x`` along ``axis`` of at most
+    ``chunk_bytes // item_bytes`` items each, concatenated. For an ``fn`` that treats the items
+    independently."""
+    limit = _chunk_limit.get()
+    if limit is None:
+        return fn(x)
     n = x.shape[axis]
-    chunks = -(-n // max(1, CHUNK_BYTES // max(item_bytes, 1)))
+    chunks = -(-n // max(1, limit // max(item_bytes, 1)))
     if chunks <= 1:
         return fn(x)
     size = -(-n // chunks)
