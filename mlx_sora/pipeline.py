@@ -182,7 +182,7 @@ class Pipeline:
             _Phase("text_encoder", plan_phase(
                 "text encoding", self._sizes("text_encoder"), budget, baseline,
                 t5.activation_bytes(batch, self.text_length), self.overlap, what)),
-            self._plan_denoising(request, baseline, what),
+            self._plan_denoising(request, latent, baseline, what),
         ]
         chunks = len(vae.temporal_chunks(latent[0], request.num_frames))
         failure: MemoryBudgetError | None = None
@@ -212,11 +212,11 @@ class Pipeline:
             raise failure
         return phases
 
-    def _plan_denoising(self, request: GenerationRequest, baseline: int, what: str) -> _Phase:
+    def _plan_denoising(self, request: GenerationRequest, latent: tuple[int, int, int], baseline: int,
+                        what: str) -> _Phase:
         """STDiT3's layers are built whole when the plan fits; a chunk at a time (slower by 5-10 %,
         a third of the activation memory at 256x256x68) only when the budget needs it."""
         stdit = self._skeletons["stdit3"]
-        latent = self.latent_size(request.num_frames, request.height, request.width)
         sizes = self._sizes("stdit3", uses=request.sampler.num_steps)
 
         def activations(chunk_bytes: int | None) -> int:

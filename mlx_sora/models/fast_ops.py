@@ -249,9 +249,9 @@ def silu(x: mx.array) -> mx.array:
 # How many parts the convolutions of ``conv.py`` / ``winograd.py`` split their work
 # into (set by ``cpu_parallel``; 1 = all on the current stream).
 _ROW_PARTS: contextvars.ContextVar[int] = contextvars.ContextVar("mlx_sora_row_parts", default=1)
-_EXTRA_STREAMS: list = []
+_EXTRA_STREAMS: list = []  # mx.ThreadLocalStream: a stream (and its thread) per Python thread
 _Part = TypeVar("_Part")
-_Result = TypeVar("_Result")  # mx.ThreadLocalStream: a stream (and its thread) per Python thread
+_Result = TypeVar("_Result")
 
 
 def row_parts() -> int:
