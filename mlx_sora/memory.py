@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import mlx.core as mx
@@ -103,6 +103,24 @@ def keep_freed_cpu_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def kept_free_cpu_memory() -> int:
+    """Bytes of freed memory the process's heap holds for reuse (glibc ``mallinfo2().fordblks``, all
+    arenas; 0 elsewhere). Those pages count in the RSS, and the next allocations reuse them before
+    the heap grows."""
+    libc = _glibc()
+    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None  # glibc >= 2.33
+    if mallinfo2 is None:
+        return 0
+    mallinfo2.restype, mallinfo2.argtypes = _MallInfo2, []
+    return int(mallinfo2().fordblks)
+
+
 def release_freed_cpu_memory() -> None:
     """Give the pages of freed heap memory back to the OS (``malloc_trim(0)``; glibc only): the CPU
     counterpart of ``mx.clear_cache()``, which does the same for MLX's buffer cache on Metal/CUDA."""
@@ -124,6 +142,8 @@ class PhaseReport:
     load_wait: float = 0.0
     """Seconds spent waiting for weights (loading not hidden behind compute)."""
     read_bytes: int = 0
+    load_wait_by_unit: dict[str, float] = field(default_factory=dict)
+    """Seconds waiting for weights per unit (streaming)."""
 
     def summary(self) -> str:
         line = (f"{self.name:<14} {self.seconds:8.2f} s   peak MLX {self.peak_memory / GIB:6.2f} GiB   "
@@ -131,6 +151,9 @@ class PhaseReport:
         if self.loads:
             line += (f"   {self.loads} unit loads ({self.read_bytes / GIB:.2f} GiB read), "
                      f"{self.load_wait:.2f} s waiting for weights")
+            longest = sorted(self.load_wait_by_unit.items(), key=lambda item: -item[1])[:2]
+            if longest and self.load_wait >= 0.5:
+                line += " (most: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in longest) + ")"
         return line
 
 

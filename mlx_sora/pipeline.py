@@ -262,8 +262,6 @@ class Pipeline:
             # MLX keeps freed buffers for reuse; only as many as the budget leaves room for
             mx.set_cache_limit(max(0, phase.plan.budget - phase.plan.expected_peak))
         try:
-            if weights is not None:
-                weights.materialize_resident()
             return work(model, weights)
         finally:
             del model
@@ -271,6 +269,7 @@ class Pipeline:
                 weights.close()
                 report.loads, report.load_wait = weights.stats.loads, weights.stats.waited
                 report.read_bytes = weights.stats.bytes_read
+                report.load_wait_by_unit = dict(weights.stats.waited_by_unit)
             if not self.keep_loaded:
                 self._loaded.pop(phase.component, None)
             gc.collect()

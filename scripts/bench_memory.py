@@ -20,8 +20,9 @@ Configurations:
 
 Per phase it prints seconds, MLX peak, process max RSS, unit loads, seconds waiting for weights, and,
 for stream-overlap, the share of the load time hidden behind compute: 1 - wait(stream-overlap) /
-wait(stream-sequential), the same plan with and without loading ahead (budgeted runs load their
-resident units at the start of a phase, before any compute: their wait is printed, no share). Before
+wait(stream-sequential), the same plan with and without loading ahead (budgeted runs have no
+sequential twin: their wait is printed, no share). The JSON has the wait of every unit, and the
+header the rate at which the machine hands out fresh memory (``page_fault_rates``). Before
 each run the weight files it uses are read once, so every run starts from a warm page cache (a fully
 resident run would otherwise evict the next run's files); ``--cold`` drops them from the page cache
 instead (the disk's read speed then counts).
@@ -126,6 +127,26 @@ def warm_page_cache(folders) -> None:
                     pass
 
 
+def page_fault_rates(size: int = 512 << 20) -> tuple[float, float]:
+    """GiB/s at which this machine hands a process fresh memory (one write per 4 KiB page of an
+    anonymous mapping): as found, and again right after it was given back. On a virtual machine
+    that returns freed memory to its host (Linux free page reporting, virtio-balloon) the first
+    figure can be several times lower: every load that needs memory the process has not used yet
+    pays it (the text phase's first two T5 units)."""
+    import mmap
+
+    import numpy as np
+
+    rates = []
+    for _ in range(2):
+        region = mmap.mmap(-1, size)
+        start = time.perf_counter()
+        np.frombuffer(region, dtype=np.uint8)[::4096] = 1
+        rates.append(size / GIB / (time.perf_counter() - start))
+        region.close()
+    return rates[0], rates[1]
+
+
 def run_one(model: Path, config_name: str, size: str, cold: bool) -> dict:
     from mlx_sora import Pipeline
 
@@ -149,6 +170,7 @@ def run_one(model: Path, config_name: str, size: str, cold: bool) -> dict:
         "plans": [p.summary() for p in result.plans],
         "phases": {p.name: {"seconds": p.seconds, "peak_memory": p.peak_memory, "max_rss": p.max_rss,
                             "loads": p.loads, "load_wait": p.load_wait, "read_bytes": p.read_bytes,
+                            "load_wait_by_unit": p.load_wait_by_unit,
                             "streamed": streamed.get(p.name, 0)}
                    for p in result.phases},
         "finite": bool(all(v.size for v in result.videos)),
@@ -204,6 +226,8 @@ def main() -> int:
         return 0
     print(f"device {mx.default_device()}, {os.cpu_count()} cpus, LD_PRELOAD={os.environ.get('LD_PRELOAD', '-')}, "
           f"{'cold' if args.cold else 'warm'} page cache", flush=True)
+    found, reused = page_fault_rates()
+    print(f"fresh memory: {found:.2f} GiB/s as found, {reused:.2f} GiB/s reused at once", flush=True)
     runs = []
     for size in args.sizes:
         for config in args.configs:

@@ -36,6 +36,7 @@ def main() -> None:
         pipe.encode_text(list(request.texts), text_phase, report)
     print(f"text encoding {report.seconds:.1f} s, waited {report.load_wait:.2f} s for weights, "
           f"{report.loads} loads, max RSS {report.max_rss / 2**30:.2f} GiB")
+    print("waited per unit: " + " ".join(f"{name} {s:.2f}" for name, s in report.load_wait_by_unit.items()))
 
 
 if __name__ == "__main__":

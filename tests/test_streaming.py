@@ -68,6 +68,10 @@ def test_plan_keeps_most_used_units_resident_within_the_budget():
     assert plan.streamed == ("block_03", "block_04", "block_05") and plan.overlap
     assert plan.expected_peak <= budget
     assert "block_03..block_05" in plan.summary()
+    # all resident: on the first pass a unit still loads while another runs, its bytes as read extra
+    roomy = plan_phase("denoising", sizes, 10**12, baseline=0, activations=0)
+    assert roomy.streamed == () and roomy.stream_buffer_bytes == 50 * MIB
+    assert not plan_phase("denoising", sizes, 10**12, 0, 0, overlap=False).stream_buffer_bytes
     # units used once gain nothing from staying resident
     once = plan_phase("text", [UnitSize(s.name, s.bytes, s.read_bytes) for s in sizes], 10**12, 0, 0)
     assert once.resident == () and len(once.streamed) == len(sizes)
@@ -119,6 +123,25 @@ def test_streamed_stdit3_equals_resident(stdit_folder, merge, overlap):
         out = run_units(model.units, _stdit_inputs(merge), weights, evaluate=True)
         np.testing.assert_array_equal(np.array(out), expected)
     assert weights.stats.loads == 2 * len(model.units) + overlap  # + the next pass's first unit, prefetched
+
+
+def test_resident_units_load_one_ahead_on_the_first_pass(stdit_folder):
+    """Resident units are not all loaded before the phase computes: each loads while the one before
+    it runs (the first pass), then stays; the numbers are the resident ones."""
+    resident = mlx_sora.load_model(stdit_folder)
+    expected = np.array(run_units(resident.units, _stdit_inputs(False), evaluate=True))
+    model = mlx_sora.load_model(stdit_folder, dtype="float32", lazy=True)
+    sizes = unit_sizes(model, stdit_folder, mx.float32, uses={u.name: 30 for u in model.units})
+    plan = plan_phase("test", sizes, 10**12, baseline=0, activations=0)
+    assert plan.overlap and not plan.streamed and plan.resident == tuple(u.name for u in model.units)
+    weights = StreamingWeights(model, stdit_folder, plan, mx.float32, cyclic=True)
+    weights.acquire(model.units[0], model.units[1:])
+    assert weights.stats.loads == 2  # the first unit, and the second loading while the first runs
+    for _ in range(2):
+        out = run_units(model.units, _stdit_inputs(False), weights, evaluate=True)
+        np.testing.assert_array_equal(np.array(out), expected)
+    assert weights.stats.loads == len(model.units)  # each once
+    assert set(weights.stats.waited_by_unit) == set(plan.resident)
 
 
 def test_streamed_t5_equals_resident(t5_folder):
@@ -174,6 +197,9 @@ def test_pipeline_with_tight_budget_equals_no_budget(tiny_model_folder):
     np.testing.assert_array_equal(result.videos[0], free.videos[0])
     assert result.within_budget and result.phases[0].loads > 0
     assert all(p.budget is not None for p in result.plans)
+    for report, plan in zip(result.phases, result.plans):  # where the waiting went, unit by unit
+        assert set(report.load_wait_by_unit) == set(plan.resident + plan.streamed)
+        assert sum(report.load_wait_by_unit.values()) == pytest.approx(report.load_wait)
 
 
 # ---------------------------------------------------------------- memory really returns
@@ -217,6 +243,33 @@ def test_eviction_returns_active_memory_to_its_baseline(medium_stdit):
     assert max(carry_bytes) < largest / 2, (carry_bytes, largest)
 
 
+def test_freed_memory_is_given_back_only_when_reusing_it_would_not_do(stdit_folder, monkeypatch):
+    """After a streamed unit, the heap's freed memory is given back to the OS only when the next
+    unit's weights and activations, after reusing it, would still push the RSS over the budget."""
+    import mlx_sora.streaming as streaming
+
+    model = mlx_sora.load_model(stdit_folder, lazy=True)
+    sizes = unit_sizes(model, stdit_folder, mx.float32)
+    budget = 1000 * MIB
+    plan = plan_phase("test", sizes, budget, baseline=0, activations=100 * MIB, overlap=False)
+    weights = StreamingWeights(model, stdit_folder, plan, mx.float32)
+    upcoming = plan.activations + plan.stream_buffer_bytes
+    monkeypatch.setattr(streaming, "process_rss", lambda: budget - upcoming // 2)
+    monkeypatch.setattr(streaming, "kept_free_cpu_memory", lambda: upcoming)  # all of it reusable
+    assert not weights._memory_tight()
+    monkeypatch.setattr(streaming, "kept_free_cpu_memory", lambda: upcoming // 4)  # reuse is not enough
+    assert weights._memory_tight()
+    monkeypatch.setattr(streaming, "process_rss", lambda: budget - upcoming)
+    monkeypatch.setattr(streaming, "kept_free_cpu_memory", lambda: 0)
+    assert not weights._memory_tight()  # room for all of it anyway
+    # a streamed unit prefetched while the last one ran is in the RSS already: not counted again
+    prefetched = sum(a.nbytes for a in weights._issue(plan.streamed[0]))
+    monkeypatch.setattr(streaming, "process_rss", lambda: budget - upcoming + prefetched)
+    assert not weights._memory_tight()
+    weights.close()
+    assert weights._memory_tight()
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_peak_stays_within_the_plan(medium_stdit, overlap):
     model = mlx_sora.load_model(medium_stdit, lazy=True)
@@ -232,8 +285,7 @@ def test_peak_stays_within_the_plan(medium_stdit, overlap):
     mx.clear_cache()
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    weights.materialize_resident()
-    for _ in range(2):
+    for _ in range(2):  # the first pass also loads the resident units, one ahead
         run_units(model.units, inputs, weights, evaluate=True)
     peak = mx.get_peak_memory() - base
     # documented margin: 10 % (MLX's own temporaries) + 1 MiB
