@@ -70,6 +70,12 @@ def available_memory() -> int:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
@@ -77,6 +83,8 @@ def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt.argtypes, libc.malloc_trim.argtypes = [ctypes.c_int, ctypes.c_int], [ctypes.c_size_t]
+        if hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+            libc.mallinfo2.restype, libc.mallinfo2.argtypes = _MallInfo2, []
     except (OSError, AttributeError):
         return None
     return libc
@@ -103,22 +111,14 @@ def keep_freed_cpu_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
-
-
 def kept_free_cpu_memory() -> int:
     """Bytes of freed memory the process's heap holds for reuse (glibc ``mallinfo2().fordblks``, all
     arenas; 0 elsewhere). Those pages count in the RSS, and the next allocations reuse them before
     the heap grows."""
     libc = _glibc()
-    mallinfo2 = getattr(libc, "mallinfo2", None) if libc is not None else None  # glibc >= 2.33
-    if mallinfo2 is None:
+    if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
-    mallinfo2.restype, mallinfo2.argtypes = _MallInfo2, []
-    return int(mallinfo2().fordblks)
+    return int(libc.mallinfo2().fordblks)
 
 
 def release_freed_cpu_memory() -> None:

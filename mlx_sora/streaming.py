@@ -263,12 +263,15 @@ def plan_phase(
 class LoadStats:
     loads: int = 0
     bytes_read: int = 0
-    waited: float = 0.0
-    """Seconds the chain waited for weights (load time not hidden behind compute)."""
     waited_by_unit: dict[str, float] = field(default_factory=dict)
-    """The same, per unit: where the load time that was not hidden went."""
+    """Seconds each unit waited for its weights: where the load time that was not hidden went."""
     issued: float = 0.0
     """Seconds spent issuing loads (reading headers, building the lazy arrays)."""
+
+    @property
+    def waited(self) -> float:
+        """Seconds the chain waited for weights (load time not hidden behind compute)."""
+        return sum(self.waited_by_unit.values())
 
 
 class StreamingWeights:
@@ -334,9 +337,7 @@ class StreamingWeights:
         except RuntimeError as e:
             files = ", ".join(str(self.folder / f) for f in self._files[name])
             raise CheckpointError(f"cannot read the weights of unit {name} ({files}): {e}; convert the model again") from e
-        seconds = time.perf_counter() - start
-        self.stats.waited += seconds
-        self.stats.waited_by_unit[name] = self.stats.waited_by_unit.get(name, 0.0) + seconds
+        self.stats.waited_by_unit[name] = self.stats.waited_by_unit.get(name, 0.0) + time.perf_counter() - start
 
     def materialize(self, name: str) -> None:
         """Make one unit's weights present outside a chain (e.g. to read the null caption)."""
@@ -365,8 +366,9 @@ class StreamingWeights:
         use, so that the phase starts computing at once instead of after loading all of them). None
         when that unit is already loading: one unit loads at a time."""
         for u in upcoming:
-            if u.name in self._streamed or u.name not in self._ready:
-                return None if u.name in self._ready else u.name
+            if u.name in self._ready and u.name not in self._streamed:
+                continue  # resident, loaded
+            return None if u.name in self._ready else u.name
         if self.cyclic and self._order and name == self._order[-1] and self._order[0] not in self._ready:
             return self._order[0]  # the first streamed unit of the next pass
         return None
