@@ -3,7 +3,7 @@
     python -m mlx_sora.convert --hf-path DeepFloyd/t5-v1_1-xxl --mlx-path weights/t5-v1_1-xxl --dtype bfloat16
 
 ``--hf-path`` is a local snapshot folder or a Hugging Face repo id; the model kind is detected from the
-checkpoint's config.json. The work is done by ``mlx_sora.conversion.convert``.
+checkpoint's config.json. The work is done by ``mlx_sora.conversion.hf.convert``.
 
 A user or file error (bad option, bad target folder, corrupt or hostile checkpoint, unwritable disk)
 prints one ``error: ...`` line and exits with status 2; Ctrl-C exits with 130 and leaves nothing
@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .checkpoint import read_config
-from .conversion import convert
+from .conversion.hf import convert
 from .errors import UserError, describe_os_error
+from .io.checkpoint import read_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,12 +17,12 @@ import warnings
 from pathlib import Path
 
 from . import aspect
-from .blas import ensure_fast_cpu_blas
+from .conversion.registry import GenerationDefaults
 from .errors import UserError
-from .profiles import PROFILES, get_profile
-from .registry import GenerationDefaults
 from .request import GenerationRequest
-from .streaming import parse_memory_size
+from .runtime.blas import ensure_fast_cpu_blas
+from .runtime.profiles import PROFILES, get_profile
+from .runtime.streaming import parse_memory_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +112,7 @@ def _request_options(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .video import check_writable
+    from .io.video import check_writable
 
     try:
         # every check that needs no model runs before any heavy work
@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_fast_cpu_blas(args.quiet)
 
+    from .conversion.registry import resolve_model
+    from .io.video import write_mp4
     from .pipeline import Pipeline
-    from .registry import resolve_model
-    from .video import write_mp4
 
     try:
         bundle = resolve_model(args.model, prefer_quantized=bool(profile and profile.prefer_quantized))

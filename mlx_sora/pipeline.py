@@ -26,14 +26,15 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .loading import build_model, load_model, parse_dtype
-from .memory import PhaseReport, measure_phase, process_rss, release_freed_cpu_memory
+from .conversion.loading import build_model, load_model, parse_dtype
+from .conversion.registry import GenerationDefaults, ModelBundle, resolve_model
+from .io.video import to_uint8_frames
 from .models.stdit3_layers import CHUNK_BYTES, chunked_layers
 from .models.units import run_units
-from .registry import GenerationDefaults, ModelBundle, resolve_model
+from .prompts.tokenizer import T5Tokenizer
 from .request import GenerationRequest
-from .sampling import IMG_FPS, SamplingReport, iterate_sampling, sampling_timesteps
-from .streaming import (
+from .runtime.memory import PhaseReport, measure_phase, process_rss, release_freed_cpu_memory
+from .runtime.streaming import (
     MemoryBudgetError,
     PhasePlan,
     StreamingWeights,
@@ -43,8 +44,7 @@ from .streaming import (
     plan_phase,
     unit_sizes,
 )
-from .tokenizer import T5Tokenizer
-from .video import to_uint8_frames
+from .sampling import IMG_FPS, SamplingReport, iterate_sampling, sampling_timesteps
 
 # VAE decoding settings tried in order (fastest first) until the plan fits the budget:
 # (images per spatial-decoder call, tiling (tile size, overlap) in latent pixels or None).

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from . import aspect
+from .conversion.registry import GenerationDefaults
 from .errors import UserError
-from .registry import GenerationDefaults
+from .prompts.text import prepare_prompt, split_prompt, text_preprocessing
 from .sampling import DynamicLeap, FixedLeap, SamplerConfig
-from .text import prepare_prompt, split_prompt, text_preprocessing
 
 MAX_SIDE = 2048  # pixels; Open-Sora 1.2's largest bucket is 720p 16:9 = 1280 wide
 MAX_FRAMES = 1024  # the longest preset is 32s = 816 frames

@@ -22,7 +22,7 @@ from pathlib import Path
 CONVERT_AND_MEASURE = """
 import sys, time
 from mlx_sora import convert
-from mlx_sora.memory import max_rss_bytes
+from mlx_sora.runtime.memory import max_rss_bytes
 start = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], sys.argv[3])
 print(time.perf_counter() - start, max_rss_bytes())

@@ -72,7 +72,7 @@ if [[ $INSTALL == 1 ]]; then
     "$PY" -m pip install -q "mlx[cuda12]>=0.32"
   else
     "$PY" -m pip install -q "mlx[cpu]>=0.32"
-    if [[ $(uname -m) == x86_64 ]]; then "$PY" -m pip install -q mkl; fi  # MLX's CPU BLAS (mlx_sora.blas)
+    if [[ $(uname -m) == x86_64 ]]; then "$PY" -m pip install -q mkl; fi  # MLX's CPU BLAS (mlx_sora.runtime.blas)
   fi
   # the project without its dependency list (its mlx[cpu] pin would fight mlx[cuda12]), then what runs
   "$PY" -m pip install -q --no-deps -e "$REPO"

@@ -58,12 +58,12 @@ GIB = 2**30
 def prepare(out: Path, t5_layers: int) -> None:
     from mlx.utils import tree_flatten
 
-    from mlx_sora.loading import parse_dtype, write_converted_folder
+    from mlx_sora.conversion.loading import parse_dtype, write_converted_folder
+    from mlx_sora.conversion.quantization import parse_quantization
     from mlx_sora.models import family_for_type
     from mlx_sora.models.stdit3 import STDiT3Config
     from mlx_sora.models.t5 import T5Config
     from mlx_sora.models.vae import VideoAutoencoderConfig
-    from mlx_sora.quantization import parse_quantization
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from conftest import train_spiece  # a small sentencepiece model: the prompt only needs some ids

@@ -26,9 +26,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_sora.loading import load_model, read_converted_config
+from mlx_sora.conversion.loading import load_model, read_converted_config
 from mlx_sora.models.units import arrays_of
-from mlx_sora.streaming import StreamingWeights, plan_phase, unit_sizes
+from mlx_sora.runtime.streaming import StreamingWeights, plan_phase, unit_sizes
 
 
 def streamed_model(folder: Path, dtype=mx.float32):
@@ -126,7 +126,7 @@ def quality(t5: dict[str, Path], stdit: dict[str, Path], stdit_frames: int, stdi
 def demo_folders(tmp: Path) -> tuple[dict[str, Path], dict[str, Path]]:
     """The demo model's T5 and STDiT3, re-saved int8 and int4 (group size 32: small widths)."""
     from mlx_sora import save_model
-    from mlx_sora.registry import DEMO_MODEL_DIR, find_components
+    from mlx_sora.conversion.registry import DEMO_MODEL_DIR, find_components
 
     components = find_components(DEMO_MODEL_DIR)
     t5, stdit = {"float32": components["text_encoder"]}, {"float32": components["stdit3"]}
@@ -185,7 +185,7 @@ def main() -> int:
         stdit = {"float32": args.model / "stdit3", "int8": args.model / "quantized" / "stdit3_int8"}
         quality(t5, stdit, args.frames, args.size)
     if args.demo:
-        from mlx_sora.registry import DEMO_MODEL_DIR, GenerationDefaults
+        from mlx_sora.conversion.registry import DEMO_MODEL_DIR, GenerationDefaults
 
         defaults = GenerationDefaults.from_file(DEMO_MODEL_DIR / "demo.json")
         with tempfile.TemporaryDirectory() as tmp:

@@ -27,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_sora import convert, load_model
-from mlx_sora.memory import keep_freed_cpu_memory, max_rss_bytes
+from mlx_sora.runtime.memory import keep_freed_cpu_memory, max_rss_bytes
 from mlx_sora.sampling import (
     DynamicLeap,
     FixedLeap,

@@ -24,10 +24,10 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_sora.memory import keep_freed_cpu_memory
 from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
 from mlx_sora.models.units import run_units
 from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
+from mlx_sora.runtime.memory import keep_freed_cpu_memory
 
 VAE_SPATIAL = 8  # pixels per latent pixel
 

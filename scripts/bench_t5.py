@@ -25,8 +25,8 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from mlx_sora.memory import keep_freed_cpu_memory
 from mlx_sora.models.t5 import T5Config, T5Encoder
+from mlx_sora.runtime.memory import keep_freed_cpu_memory
 
 XXL_LAYERS = 24
 

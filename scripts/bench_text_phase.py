@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 from mlx_sora import Pipeline
-from mlx_sora.memory import measure_phase
 from mlx_sora.request import GenerationRequest
+from mlx_sora.runtime.memory import measure_phase
 
 
 def main() -> None:

@@ -20,8 +20,8 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_sora.memory import keep_freed_cpu_memory
 from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
+from mlx_sora.runtime.memory import keep_freed_cpu_memory
 
 GIB = 1024**3
 

@@ -12,7 +12,7 @@ from a generator seeded by its name):
 * per operation, one STDiT3 block pair at T = 5 (``--parts ops``).
 
 Each side runs in its own process, one after the other, as its users would run it: torch with its
-own BLAS and ``--threads`` threads, no preload; MLX with the fast BLAS ``mlx_sora.blas`` finds
+own BLAS and ``--threads`` threads, no preload; MLX with the fast BLAS ``mlx_sora.runtime.blas`` finds
 (OpenBLAS or the ``mkl`` wheel) preloaded. Outputs of both sides are compared (max relative
 difference) so that the two computed the same thing. Prints a table with medians and ratios
 (MLX / torch), the machine and its load average.
@@ -557,8 +557,8 @@ def torch_ops(ref: Any, args: argparse.Namespace, place: TorchPlace) -> dict:
 def mlx_worker(args: argparse.Namespace, out_dir: Path) -> dict:
     import mlx.core as mx
 
-    from mlx_sora.blas import fast_blas_loaded
-    from mlx_sora.memory import keep_freed_cpu_memory
+    from mlx_sora.runtime.blas import fast_blas_loaded
+    from mlx_sora.runtime.memory import keep_freed_cpu_memory
 
     keep_freed_cpu_memory()  # as load_model / Pipeline do for their users
     if args.device == "gpu":
@@ -712,7 +712,7 @@ def mlx_ops(args: argparse.Namespace) -> dict:
 
 def run_side(side: str, part: str, args: argparse.Namespace, out_dir: Path) -> dict:
     """One worker process: torch without any preload, MLX with the fast BLAS preloaded."""
-    from mlx_sora.blas import fast_blas_env
+    from mlx_sora.runtime.blas import fast_blas_env
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if side == "torch":

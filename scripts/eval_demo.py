@@ -5,7 +5,7 @@
 
 Generates the fixed prompt x seed grid (``clips.EVAL_GRID``: every color x shape x direction
 combination, held-out ones included, with fixed seeds) through ``mlx_sora.Pipeline`` (the demo's own
-size, frames, steps and CFG scale) and scores every video with ``mlx_sora.judge``: accuracy per
+size, frames, steps and CFG scale) and scores every video with ``mlx_sora.demo.judge``: accuracy per
 attribute (color, motion, shape, temporal consistency) and overall adherence, for all entries, the
 combinations seen in training and the held-out ones, plus the wall time of generating the grid
 relative to the baseline. Prompts are generated as one batch per seed; the dynamic LPL rule decides
@@ -26,10 +26,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_sora import Pipeline, clips, load_model, save_model
-from mlx_sora.judge import judge, judge_grid
-from mlx_sora.loading import read_converted_config
-from mlx_sora.registry import DEFAULTS_FILES, DEMO_MODEL_DIR, find_components
+from mlx_sora import Pipeline, load_model, save_model
+from mlx_sora.conversion.loading import read_converted_config
+from mlx_sora.conversion.registry import DEFAULTS_FILES, DEMO_MODEL_DIR, find_components
+from mlx_sora.demo import clips
+from mlx_sora.demo.judge import judge, judge_grid
 
 CONFIGS: dict[str, dict] = {
     "baseline": {},

@@ -2,7 +2,7 @@
 
 Everything the full-size model has, with the same model code (``mlx_sora.models``):
 
-1. the VAE v1.2 pair as an autoencoder on the clips (``mlx_sora.clips``): the spatial SDXL-style
+1. the VAE v1.2 pair as an autoencoder on the clips (``mlx_sora.demo.clips``): the spatial SDXL-style
    AutoencoderKL (8x, 4 levels) on single frames, then the temporal VAE (4x in time) on the spatial
    latents; the latent scaling factor and the per-channel shift/scale are set from the trained
    latents' statistics (normalised latents: zero mean, unit std per channel);
@@ -18,7 +18,7 @@ Everything the full-size model has, with the same model code (``mlx_sora.models`
 Run (float32, fixed seeds; prints losses and timings; ~35 min on 2 CPU cores)::
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 python scripts/train_demo.py
-    python scripts/train_demo.py --package-only      # rewrite mlx_sora/demo_model/ from the run folder
+    python scripts/train_demo.py --package-only      # rewrite mlx_sora/demo/model/ from the run folder
     python scripts/train_demo.py --stages dit        # retrain text encoder + STDiT3 on the saved VAE
 
 The run folder (default /work/demo_run) keeps the raw checkpoints, the recipe, the latent statistics,
@@ -63,7 +63,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_sora import clips
+from mlx_sora.demo import clips
 from mlx_sora.models import t5 as t5_module
 from mlx_sora.models import vae_spatial
 from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
@@ -71,12 +71,12 @@ from mlx_sora.models.t5 import T5Config, T5Encoder
 from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
 from mlx_sora.models.vae_spatial import AutoencoderKL, AutoencoderKLConfig
 from mlx_sora.models.vae_temporal import VAE_Temporal, VAETemporalConfig
+from mlx_sora.prompts.text import prepare_prompt
 from mlx_sora.sampling import timestep_transform
-from mlx_sora.text import prepare_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_RUN_DIR = Path("/work/demo_run")
-DEFAULT_PACKAGE_DIR = REPO / "mlx_sora" / "demo_model"
+DEFAULT_PACKAGE_DIR = REPO / "mlx_sora" / "demo" / "model"
 
 
 @dataclass(frozen=True)
@@ -524,8 +524,8 @@ def stage_vae(recipe: Recipe, run: Path, pool: np.ndarray, log: Log) -> None:
 def check_vae(recipe: Recipe, run: Path, log: Log, every: int = 3) -> None:
     """Judge VAE reconstructions (encode -> decode through OpenSoraVAE) of fresh clips of every
     combination: the ceiling of what the diffusion model can reach."""
-    from mlx_sora.judge import judge, judge_grid
-    from mlx_sora.video import to_uint8_frames
+    from mlx_sora.demo.judge import judge, judge_grid
+    from mlx_sora.io.video import to_uint8_frames
 
     start = time.perf_counter()
     vae = load_trained_vae(recipe, run)
@@ -588,7 +588,7 @@ def train_tokenizer(recipe: Recipe, folder: Path) -> Path:
 
 def tokenize(spiece: Path, captions: list[str], length: int) -> tuple[np.ndarray, np.ndarray]:
     """The pipeline's text path: prepare_prompt(aes=None) then the T5 tokenizer padded to ``length``."""
-    from mlx_sora.tokenizer import T5Tokenizer
+    from mlx_sora.prompts.tokenizer import T5Tokenizer
 
     tokenizer = T5Tokenizer(spiece)
     tokens = tokenizer([prepare_prompt(c, aes=None) for c in captions], max_length=length)
@@ -598,7 +598,7 @@ def tokenize(spiece: Path, captions: list[str], length: int) -> tuple[np.ndarray
 
 
 def t5_config(recipe: Recipe, spiece: Path) -> T5Config:
-    from mlx_sora.tokenizer import T5Tokenizer
+    from mlx_sora.prompts.tokenizer import T5Tokenizer
 
     return T5Config(vocab_size=T5Tokenizer(spiece).vocab_size, **recipe.t5)
 

@@ -29,8 +29,9 @@ import pytest
 import torch
 from conftest import HEADROOM, address_space
 
-from mlx_sora import checkpoint, torch_bin
-from mlx_sora.checkpoint import (
+from mlx_sora.errors import UserError
+from mlx_sora.io import checkpoint, torch_bin
+from mlx_sora.io.checkpoint import (
     CheckpointError,
     CheckpointFolder,
     SafetensorsReader,
@@ -38,7 +39,6 @@ from mlx_sora.checkpoint import (
     read_config,
     validate_safetensors,
 )
-from mlx_sora.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora12"
 pytestmark = pytest.mark.usefixtures("memory_cap")  # conftest: address space capped at +1 GiB

@@ -12,7 +12,7 @@ import pytest
 
 import mlx_sora
 from mlx_sora import generate
-from mlx_sora.checkpoint import CheckpointError
+from mlx_sora.io.checkpoint import CheckpointError
 
 pytestmark = pytest.mark.usefixtures("memory_cap")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mlx_sora.checkpoint import CheckpointError, CheckpointFolder, SafetensorsReader, TorchBinReader
+from mlx_sora.io.checkpoint import CheckpointError, CheckpointFolder, SafetensorsReader, TorchBinReader
 
 
 def _as_numpy(t: torch.Tensor) -> np.ndarray:

@@ -5,8 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from mlx_sora import clips
-from mlx_sora.clips import ClipSpec, ObjectSpec, caption, make_clip, parse_caption
+from mlx_sora.demo import clips
+from mlx_sora.demo.clips import ClipSpec, ObjectSpec, caption, make_clip, parse_caption
 
 
 def test_make_clip_is_deterministic_and_seed_dependent():

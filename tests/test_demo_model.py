@@ -15,10 +15,11 @@ import av
 import numpy as np
 import pytest
 
-from mlx_sora import Pipeline, clips, generate
-from mlx_sora.judge import judge
-from mlx_sora.loading import read_converted_config
-from mlx_sora.registry import DEMO_MODEL_DIR, resolve_model
+from mlx_sora import Pipeline, generate
+from mlx_sora.conversion.loading import read_converted_config
+from mlx_sora.conversion.registry import DEMO_MODEL_DIR, resolve_model
+from mlx_sora.demo import clips
+from mlx_sora.demo.judge import judge
 from mlx_sora.request import GenerationRequest
 
 REPO = Path(__file__).resolve().parent.parent

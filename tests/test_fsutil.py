@@ -18,7 +18,7 @@ import pytest
 
 import mlx_sora
 from mlx_sora.errors import UserError, describe_os_error
-from mlx_sora.fsutil import (
+from mlx_sora.io.fsutil import (
     apply_umask,
     atomic_output_folder,
     check_output_folder,
@@ -248,7 +248,7 @@ def test_sigkill_leaves_a_temporary_that_the_next_run_removes(tmp_path):
     target = tmp_path / "out"
     script = (
         "import sys, time\n"
-        "from mlx_sora.fsutil import atomic_output_folder\n"
+        "from mlx_sora.io.fsutil import atomic_output_folder\n"
         f"with atomic_output_folder({str(target)!r}) as tmp:\n"
         "    (tmp / 'big.safetensors').write_bytes(b'x' * 1000)\n"
         "    print(tmp, flush=True)\n"

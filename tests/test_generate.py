@@ -10,7 +10,8 @@ from pathlib import Path
 import av
 import pytest
 
-from mlx_sora import blas, generate
+from mlx_sora import generate
+from mlx_sora.runtime import blas
 
 
 @pytest.fixture(autouse=True)

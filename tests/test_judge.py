@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from mlx_sora import clips
-from mlx_sora.clips import ClipSpec, ObjectSpec, caption, make_clip
-from mlx_sora.judge import judge, judge_grid
+from mlx_sora.demo import clips
+from mlx_sora.demo.clips import ClipSpec, ObjectSpec, caption, make_clip
+from mlx_sora.demo.judge import judge, judge_grid
 
 
 def box_blur(video: np.ndarray, passes: int = 2) -> np.ndarray:

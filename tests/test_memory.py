@@ -10,7 +10,7 @@ import sys
 import mlx.core as mx
 import pytest
 
-from mlx_sora import memory
+from mlx_sora.runtime import memory
 
 glibc_only = pytest.mark.skipif(
     not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"), reason="glibc malloc policy"
@@ -21,7 +21,7 @@ PAGE = 4096
 FAULTS_PER_OP = """
 import resource, sys
 import mlx.core as mx
-from mlx_sora import memory
+from mlx_sora.runtime import memory
 print(memory.keep_freed_cpu_memory(), memory.keep_freed_cpu_memory())  # (idempotent)
 x = mx.ones((16, 1024, 1024))  # 64 MiB: glibc mmaps and unmaps such a block per allocation
 mx.eval(x)
@@ -55,7 +55,7 @@ def test_kept_memory_is_reused_without_page_faults():
 
 RSS_AFTER_RELEASE = """
 import mlx.core as mx
-from mlx_sora import memory
+from mlx_sora.runtime import memory
 memory.keep_freed_cpu_memory()
 base = memory.process_rss()
 x = mx.ones((64, 1024, 1024))  # 256 MiB

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mlx_sora import Pipeline
-from mlx_sora.checkpoint import CheckpointError
-from mlx_sora.registry import find_components
+from mlx_sora.conversion.registry import find_components
+from mlx_sora.io.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_incomplete_model_folder(tmp_path, tiny_model_folder):
 
 
 def test_preset_download_failure_names_the_command(tmp_path, monkeypatch):
-    from mlx_sora.registry import prepare_preset
+    from mlx_sora.conversion.registry import prepare_preset
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the download fails at once
     with pytest.raises(CheckpointError) as info:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlx_sora import generate
-from mlx_sora.profiles import PROFILES, get_profile
+from mlx_sora.runtime.profiles import PROFILES, get_profile
 
 
 @pytest.fixture(autouse=True)

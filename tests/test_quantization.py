@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import mlx_sora
+from mlx_sora.conversion.quantization import QuantizedLinear, parse_quantization
 from mlx_sora.errors import UserError
 from mlx_sora.models.units import run_units
-from mlx_sora.quantization import QuantizedLinear, parse_quantization
-from mlx_sora.streaming import StreamingWeights, plan_phase, unit_sizes
+from mlx_sora.runtime.streaming import StreamingWeights, plan_phase, unit_sizes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora12"
 

@@ -19,7 +19,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import mlx_sora
-from mlx_sora.checkpoint import CheckpointError, CheckpointFolder
+from mlx_sora.io.checkpoint import CheckpointError, CheckpointFolder
 from mlx_sora.models import stdit3_layers
 from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
 from mlx_sora.models.stdit3_layers import merge_frames, position_embedding_2d, rope_inv_freq, unmerge_frames
@@ -200,7 +200,7 @@ def test_cfg_null_caption_and_mask_repeat(model, io):
 
 def test_unit_by_unit_with_per_unit_weights(converted, model, io):
     """The chain a streamer runs: each unit's weights come from its own file, loaded just before it."""
-    from mlx_sora.loading import load_weight_files, read_converted_config
+    from mlx_sora.conversion.loading import load_weight_files, read_converted_config
 
     fresh = STDiT3(STDiT3Config.from_dict(read_converted_config(converted)))
 

@@ -14,11 +14,11 @@ import pytest
 
 import mlx_sora
 from mlx_sora import Pipeline
-from mlx_sora.checkpoint import CheckpointError
 from mlx_sora.errors import UserError
+from mlx_sora.io.checkpoint import CheckpointError
 from mlx_sora.models import family_for_type
 from mlx_sora.models.units import arrays_of, run_units
-from mlx_sora.streaming import (
+from mlx_sora.runtime.streaming import (
     MemoryBudgetError,
     StreamingWeights,
     UnitSize,
@@ -246,7 +246,7 @@ def test_eviction_returns_active_memory_to_its_baseline(medium_stdit):
 def test_freed_memory_is_given_back_only_when_reusing_it_would_not_do(stdit_folder, monkeypatch):
     """After a streamed unit, the heap's freed memory is given back to the OS only when the next
     unit's weights and activations, after reusing it, would still push the RSS over the budget."""
-    import mlx_sora.streaming as streaming
+    import mlx_sora.runtime.streaming as streaming
 
     model = mlx_sora.load_model(stdit_folder, lazy=True)
     sizes = unit_sizes(model, stdit_folder, mx.float32)

@@ -18,10 +18,10 @@ from mlx.utils import tree_flatten, tree_map
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 import mlx_sora
-from mlx_sora.checkpoint import CheckpointError
+from mlx_sora.io.checkpoint import CheckpointError
 from mlx_sora.models.t5 import T5Config, T5Encoder, relative_position_bucket
 from mlx_sora.models.units import arrays_of
-from mlx_sora.tokenizer import T5Tokenizer
+from mlx_sora.prompts.tokenizer import T5Tokenizer
 
 SEQ_LEN = 40
 LENGTHS = (SEQ_LEN, 33, 5)  # one full row, two padded ones

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_sora.text import (
+from mlx_sora.prompts.text import (
     append_score_to_prompts,
     clean_caption,
     extract_prompts_loop,

@@ -13,7 +13,7 @@ import pytest
 import sentencepiece as spm
 import transformers
 
-from mlx_sora.tokenizer import T5Tokenizer
+from mlx_sora.prompts.tokenizer import T5Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora12"
 MAX_LENGTH = 300

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import mlx_sora
-from mlx_sora.checkpoint import CheckpointFolder
-from mlx_sora.loading import expected_parameters, read_converted_config
+from mlx_sora.conversion.loading import expected_parameters, read_converted_config
+from mlx_sora.io.checkpoint import CheckpointFolder
 from mlx_sora.models import detect_family, winograd
 from mlx_sora.models.vae import FAMILY, OpenSoraVAE, VideoAutoencoderConfig
 from mlx_sora.models.vae_spatial import SDXL_VAE_CONFIG

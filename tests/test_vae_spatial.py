@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 
-from mlx_sora.loading import expected_parameters
+from mlx_sora.conversion.loading import expected_parameters
 from mlx_sora.models.vae import _transform
 from mlx_sora.models.vae_spatial import SDXL_VAE_CONFIG, AutoencoderKL, AutoencoderKLConfig
 

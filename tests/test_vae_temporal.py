@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_sora.loading import expected_parameters
+from mlx_sora.conversion.loading import expected_parameters
 from mlx_sora.models.vae_temporal import (
     VAE_TEMPORAL_SD_CONFIG,
     VAE_Temporal,

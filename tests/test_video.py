@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_sora.video import pad_to_even, to_uint8_frames, write_mp4
+from mlx_sora.io.video import pad_to_even, to_uint8_frames, write_mp4
 
 
 def test_uint8_conversion_matches_reference_save_sample():

@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 if TYPE_CHECKING:
-    from ..checkpoint import CheckpointFolder
+    from ..io.checkpoint import CheckpointFolder
 
 
 def identity_transform(mlx_key: str, value: mx.array) -> mx.array:

@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..checkpoint import CheckpointError
+from ..io.checkpoint import CheckpointError
 from . import ModelFamily, register_family
 from .config_checks import require_int, require_ints, require_number
 from .stdit3_layers import (
@@ -45,7 +45,7 @@ from .stdit3_layers import (
 from .units import Unit, attach_units, run_units
 
 if TYPE_CHECKING:
-    from ..checkpoint import CheckpointFolder
+    from ..io.checkpoint import CheckpointFolder
 
 
 @dataclass(frozen=True)

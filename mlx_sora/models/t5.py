@@ -32,13 +32,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..checkpoint import CheckpointError
+from ..io.checkpoint import CheckpointError
 from . import ModelFamily, fast_ops, register_family
 from .config_checks import require_int, require_number, require_str
 from .units import Unit, attach_units, run_units
 
 if TYPE_CHECKING:
-    from ..checkpoint import CheckpointFolder
+    from ..io.checkpoint import CheckpointFolder
 
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "relu": nn.relu,

@@ -10,7 +10,7 @@ one. Chaining a model's units is its forward pass::
     VAE:     chains for the temporal and the spatial decoder (and one unit per encoder)
 
 Which weights go into which file follows from the same units (``unit_for_key``), so the files and the
-run order cannot disagree. ``run_units`` is the one loop that runs a chain; ``mlx_sora.streaming``
+run order cannot disagree. ``run_units`` is the one loop that runs a chain; ``mlx_sora.runtime.streaming``
 runs the same loop with weights materialized and evicted unit by unit.
 """
 
@@ -91,7 +91,7 @@ def arrays_of(carry: Any) -> list[mx.array]:
 
 
 class WeightPolicy(Protocol):
-    """How a unit's weights are present while it runs (see ``mlx_sora.streaming``)."""
+    """How a unit's weights are present while it runs (see ``mlx_sora.runtime.streaming``)."""
 
     def acquire(self, unit: Unit, upcoming: Sequence[Unit]) -> None:
         """Make ``unit``'s weights present; ``upcoming`` (the rest of the chain) may be prefetched."""

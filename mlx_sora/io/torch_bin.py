@@ -20,7 +20,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .untrusted import MAX_DIM, MAX_NDIM, SAFETENSORS_DTYPES, clip_text, is_int, regular_file_size, short_repr, to_mx
 
 MAX_PICKLE_BYTES = 32 << 20

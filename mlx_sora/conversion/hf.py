@@ -16,11 +16,11 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .checkpoint import CheckpointError, CheckpointFolder, read_config
-from .errors import UserError
-from .fsutil import check_output_folder, is_converted_folder
+from ..errors import UserError
+from ..io.checkpoint import CheckpointError, CheckpointFolder, read_config
+from ..io.fsutil import check_output_folder, is_converted_folder
+from ..models import detect_family
 from .loading import check_keys, expected_parameters, parse_dtype, write_converted_folder
-from .models import detect_family
 from .quantization import DEFAULT_GROUP_SIZE, parse_quantization
 
 

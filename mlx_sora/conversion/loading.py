@@ -24,11 +24,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import CheckpointError, validate_safetensors
-from .fsutil import atomic_output_folder, check_output_folder, is_converted_folder
-from .memory import keep_freed_cpu_memory
-from .models import ModelFamily, family_for_type
-from .models.units import held_dtype, unit_for_key
+from ..io.checkpoint import CheckpointError, validate_safetensors
+from ..io.fsutil import atomic_output_folder, check_output_folder, is_converted_folder
+from ..models import ModelFamily, family_for_type
+from ..models.units import held_dtype, unit_for_key
+from ..runtime.memory import keep_freed_cpu_memory
 from .quantization import (
     DEFAULT_GROUP_SIZE,
     parse_quantization,

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .errors import UserError, describe_os_error
+from ..errors import UserError, describe_os_error
 
 _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.mlx-sora-(?P<kind>tmp|old)-(?P<pid>[0-9]{1,10})-[0-9a-f]{8}")
 

@@ -34,11 +34,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .checkpoint import CheckpointError
-from .errors import UserError
-from .loading import read_weight_map
+from ..conversion.loading import read_weight_map
+from ..errors import UserError
+from ..io.checkpoint import CheckpointError
+from ..models.units import Unit, held_dtype, unit_for_key
 from .memory import GIB, available_memory, kept_free_cpu_memory, process_rss, release_freed_cpu_memory
-from .models.units import Unit, held_dtype, unit_for_key
 
 MIB = 1024**2
 
@@ -120,7 +120,7 @@ def unit_sizes(model: nn.Module, folder: str | Path, dtype: mx.Dtype, uses: dict
 
 
 def _tensor_headers(path: Path) -> dict[str, tuple[tuple[int, ...], mx.Dtype]]:
-    from .checkpoint import SafetensorsReader
+    from ..io.checkpoint import SafetensorsReader
 
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the converted folder is incomplete; convert again")

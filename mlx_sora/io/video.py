@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, describe_os_error
+from ..errors import UserError, describe_os_error
 from .fsutil import apply_umask
 
 

@@ -28,7 +28,7 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from .errors import CheckpointError, describe_os_error
+from ..errors import CheckpointError, describe_os_error
 from .torch_bin import TorchBinReader
 from .untrusted import MAX_DIM, MAX_NDIM, SAFETENSORS_DTYPES, is_int, json_kind, regular_file_size, short_repr, to_mx
 

@@ -20,7 +20,7 @@ from typing import Callable
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import UserError
+from ..errors import UserError
 
 QUANTIZATIONS: dict[str, int] = {"int8": 8, "int4": 4}
 DEFAULT_GROUP_SIZE = 64

@@ -4,7 +4,7 @@
 (``text_encoder``, ``stdit3``, ``vae``) and the generation defaults the model was made for.
 
 * ``None`` or ``"demo"``: the small Open-Sora-1.2-architecture model shipped inside the package
-  (``mlx_sora/demo_model``, trained by ``scripts/train_demo.py``); it needs no download.
+  (``mlx_sora/demo/model``, trained by ``scripts/train_demo.py``); it needs no download.
 * ``"opensora-v1.2"``: the real weights, converted once from Hugging Face (DeepFloyd/t5-v1_1-xxl,
   hpcai-tech/OpenSora-STDiT-v3, hpcai-tech/OpenSora-VAE-v1.2) into ``weights/opensora-v1.2/``.
 * a folder holding one converted sub-folder per component (any names; recognised by their
@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError
+from ..io.checkpoint import CheckpointError
 
 COMPONENTS = {"t5": "text_encoder", "stdit3": "stdit3", "vae": "vae"}
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo" / "model"
+DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent.parent.parent / "weights"
 DEFAULTS_FILES = ("generation.json", "demo.json")
 
 PRESETS: dict[str, dict[str, str]] = {
@@ -147,7 +147,7 @@ def find_components(root: str | Path, prefer_quantized: bool = False) -> dict[st
 
 def prepare_preset(name: str, weights_dir: str | Path = DEFAULT_WEIGHTS_DIR, dtype: str = "bfloat16") -> Path:
     """Convert a preset's Hugging Face checkpoints once into ``weights_dir/name`` and reuse them."""
-    from .conversion import convert
+    from .hf import convert
 
     if name not in PRESETS:
         raise CheckpointError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .errors import CheckpointError, describe_os_error
+from ..errors import CheckpointError, describe_os_error
 
 MAX_DIM = 2**31 - 1
 """MLX shapes are 32-bit: a larger dimension cannot be loaded, so it is refused with a clear message."""
