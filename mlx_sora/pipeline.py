@@ -2,8 +2,9 @@
 
 Follows Open-Sora 1.2's ``scripts/inference.py``: prompt preprocessing and score suffixes, fps/size
 conditioning, classifier-free guidance with the learned null caption. This module orchestrates; what
-a model name means lives in ``registry.py``, option checks in ``request.py``, and the unit-by-unit
-execution within a memory budget (CI-DL) in ``streaming.py``.
+a model name means lives in ``conversion/registry.py``, option checks in ``request.py``, the memory
+plan of the phases in ``planning.py``, and the unit-by-unit execution within a memory budget (CI-DL)
+in ``runtime/streaming.py``.
 
 Each phase runs one model, unit by unit, and releases it, so the peak is that of the largest phase.
 With a memory budget (the default: 80 % of the available memory), each phase is planned before any
@@ -29,34 +30,20 @@ from tqdm import tqdm
 from .conversion.loading import build_model, load_model, parse_dtype
 from .conversion.registry import GenerationDefaults, ModelBundle, resolve_model
 from .io.video import to_uint8_frames
-from .models.stdit3_layers import CHUNK_BYTES, chunked_layers
+from .models.stdit3_layers import chunked_layers
 from .models.units import run_units
+from .planning import GenerationPlanner, PlannedPhase, folder_unit_sizes
 from .prompts.tokenizer import T5Tokenizer
 from .request import GenerationRequest
-from .runtime.memory import PhaseReport, measure_phase, process_rss, release_freed_cpu_memory
+from .runtime.memory import PhaseReport, measure_phase, release_freed_cpu_memory
 from .runtime.streaming import (
-    MemoryBudgetError,
     PhasePlan,
     StreamingWeights,
     default_memory_budget,
     format_bytes,
     parse_memory_size,
-    plan_phase,
-    unit_sizes,
 )
 from .sampling import IMG_FPS, SamplingReport, iterate_sampling, sampling_timesteps
-
-# VAE decoding settings tried in order (fastest first) until the plan fits the budget:
-# (images per spatial-decoder call, tiling (tile size, overlap) in latent pixels or None).
-VAE_SETTINGS: tuple[tuple[int | None, tuple[int, int] | None], ...] = (
-    (4, None), (2, None), (1, None), (1, (32, 8)), (1, (16, 4)),
-)
-
-
-# Process memory a run adds beyond MLX's own allocations and what is resident at planning time:
-# worker-thread stacks and malloc arenas, compiled kernels, Python objects (measured with
-# scripts/bench_memory.py: max RSS minus MLX peak minus the planning-time RSS).
-RUNTIME_OVERHEAD = 160 * 2**20
 
 
 def default_compute_dtype() -> mx.Dtype:
@@ -102,18 +89,6 @@ class GenerationResult:
         return "\n".join(lines)
 
 
-@dataclass
-class _Phase:
-    """A planned phase: the component, its plan, and (VAE) the decoding settings."""
-
-    component: str
-    plan: PhasePlan
-    micro_batch: int | None = None
-    tiling: tuple[int, int] | None = None
-    chunk_bytes: int | None = None
-    """STDiT3: its layers a chunk at a time (``stdit3_layers.chunked_layers``), None: whole."""
-
-
 class Pipeline:
     """Open-Sora 1.2 text-to-video on MLX.
 
@@ -145,6 +120,8 @@ class Pipeline:
         for model_ in self._skeletons.values():
             model_.compute_dtype = self.dtype
         self.text_length = self._skeletons["stdit3"].config.model_max_length
+        self.planner = GenerationPlanner(self._skeletons, folder_unit_sizes(self.components, self.dtype),
+                                         self.memory_budget, overlap)
         self._loaded: dict[str, nn.Module] = {}
 
     @classmethod
@@ -168,84 +145,15 @@ class Pipeline:
 
     def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
         """Latent (T, H, W) of a video size, from the VAE's config."""
-        return tuple(self._skeletons["vae"].get_latent_size((frames, height, width)))
+        return self.planner.latent_size(frames, height, width)
 
-    def plan(self, request: GenerationRequest) -> list[_Phase]:
+    def plan(self, request: GenerationRequest) -> list[PlannedPhase]:
         """Plan the three phases for a request (raises MemoryBudgetError before any heavy work)."""
-        batch = len(request.texts)
-        baseline = process_rss() + RUNTIME_OVERHEAD
-        budget = self.memory_budget
-        what = f" at {request.height}x{request.width}, {request.num_frames} frames"
-        t5, vae = self._skeletons["text_encoder"], self._skeletons["vae"]
-        latent = self.latent_size(request.num_frames, request.height, request.width)
-        phases = [
-            _Phase("text_encoder", plan_phase(
-                "text encoding", self._sizes("text_encoder"), budget, baseline,
-                t5.activation_bytes(batch, self.text_length), self.overlap, what)),
-            self._plan_denoising(request, latent, baseline, what),
-        ]
-        chunks = len(vae.temporal_chunks(latent[0], request.num_frames))
-        failure: MemoryBudgetError | None = None
-        for micro_batch, tiling in VAE_SETTINGS if budget is not None else ((vae.micro_batch_size, None),):
-            vae.micro_batch_size = micro_batch
-            vae.set_tiling(tiling is not None, *(tiling or (vae.tile_size, vae.tile_overlap)))
-            images = batch * (vae.micro_frame_size or request.num_frames)
-            spatial_calls = chunks * -(-images // (micro_batch or images))
-            if tiling is not None:
-                spatial_calls *= len(vae.spatial_vae.tiles(latent[1], *tiling)) * len(
-                    vae.spatial_vae.tiles(latent[2], *tiling))
-            uses = {u.name: chunks for u in vae.temporal_decoder_units}
-            uses.update({u.name: spatial_calls for u in vae.spatial_decoder_units})
-            try:
-                plan = plan_phase("decoding", self._sizes("vae", uses=uses), budget, baseline,
-                                  vae.decode_activation_bytes(batch, latent[1], latent[2]), self.overlap, what)
-            except MemoryBudgetError as e:
-                failure = e
-                continue
-            if tiling is not None or micro_batch != VAE_SETTINGS[0][0]:
-                tiles = f", tiles {tiling[0]}/{tiling[1]} latent px" if tiling else ""
-                plan.notes.append(f"VAE: {micro_batch} image(s) per spatial-decoder call{tiles} to fit the budget")
-            phases.append(_Phase("vae", plan, micro_batch, tiling))
-            break
-        else:
-            assert failure is not None
-            raise failure
-        return phases
-
-    def _plan_denoising(self, request: GenerationRequest, latent: tuple[int, int, int], baseline: int,
-                        what: str) -> _Phase:
-        """STDiT3's layers are built whole when the plan fits; a chunk at a time (slower by 5-10 %,
-        a third of the activation memory at 256x256x68) only when the budget needs it."""
-        stdit = self._skeletons["stdit3"]
-        sizes = self._sizes("stdit3", uses=request.sampler.num_steps)
-
-        def activations(chunk_bytes: int | None) -> int:
-            return stdit.activation_bytes(2 * len(request.texts), latent, self.text_length, chunk_bytes)
-
-        def plan(chunk_bytes: int | None) -> PhasePlan:
-            return plan_phase("denoising", sizes, self.memory_budget, baseline, activations(chunk_bytes),
-                              self.overlap, what)
-
-        try:
-            return _Phase("stdit3", plan(None))
-        except MemoryBudgetError:
-            if activations(CHUNK_BYTES) >= activations(None):
-                raise  # small latents: chunks would not lower the peak
-            chunked = plan(CHUNK_BYTES)
-            chunked.notes.append(f"STDiT3: attention and MLP built {format_bytes(CHUNK_BYTES)} at a time to fit the budget")
-            return _Phase("stdit3", chunked, chunk_bytes=CHUNK_BYTES)
-
-    def _sizes(self, component: str, uses: int | dict[str, int] = 1):
-        model = self._skeletons[component]
-        chain = model.units
-        if component == "vae":
-            chain = model.temporal_decoder_units + model.spatial_decoder_units
-        per_unit = uses if isinstance(uses, dict) else {u.name: uses for u in chain}
-        return unit_sizes(model, self.components[component], self.dtype, per_unit, chain)
+        return self.planner.plan(request)
 
     # ------------------------------------------------------------ models, per phase
 
-    def _in_phase(self, phase: _Phase, report: PhaseReport, work, cyclic: bool = False):
+    def _in_phase(self, phase: PlannedPhase, report: PhaseReport, work, cyclic: bool = False):
         """Open the phase's model (resident, or lazily with a streaming weight policy), run
         ``work(model, weights)``, then release everything the phase held."""
         folder = self.components[phase.component]
@@ -288,7 +196,7 @@ class Pipeline:
                 )
         return tokens.input_ids, tokens.attention_mask
 
-    def encode_text(self, texts: Sequence[str], phase: _Phase, report: PhaseReport,
+    def encode_text(self, texts: Sequence[str], phase: PlannedPhase, report: PhaseReport,
                     progress: bool = False) -> tuple[mx.array, mx.array]:
         """Prompts (already preprocessed) -> (y [B, 1, L, C], mask [B, L])."""
         input_ids, attention_mask = self.tokenize(texts)
@@ -329,7 +237,7 @@ class Pipeline:
         finally:
             mx.set_cache_limit(previous_cache_limit)
 
-    def _run(self, request: GenerationRequest, plans: list[_Phase], progress: bool) -> list[GenerationResult]:
+    def _run(self, request: GenerationRequest, plans: list[PlannedPhase], progress: bool) -> list[GenerationResult]:
         text_phase, denoise_phase, decode_phase = plans
         texts = list(request.texts)
         results = [GenerationResult([], texts, s, request.fps, plans=[p.plan for p in plans],

@@ -303,13 +303,13 @@ def test_denoising_layers_are_chunked_only_when_the_budget_needs_it(tiny_model_f
     options = dict(image_size=(64, 64), num_frames=1, steps=1, seed=0)
     for budget, chunked in (("100GB", False), ("1.5GB", True)):
         pipe = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget=budget)
-        monkeypatch.setattr(pipe._skeletons["stdit3"], "activation_bytes", estimate)
+        monkeypatch.setattr(pipe.planner.skeletons["stdit3"], "activation_bytes", estimate)
         request = mlx_sora.request.GenerationRequest.build("a cat", pipe.defaults, model_name="tiny", **options)
         denoising = pipe.plan(request)[1]
         assert denoising.chunk_bytes == (stdit3_layers.CHUNK_BYTES if chunked else None)
         assert any("at a time to fit the budget" in n for n in denoising.plan.notes) == chunked
     pipe = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget="1MB")
-    monkeypatch.setattr(pipe._skeletons["stdit3"], "activation_bytes", lambda *a, **k: 4 * 2**30)
+    monkeypatch.setattr(pipe.planner.skeletons["stdit3"], "activation_bytes", lambda *a, **k: 4 * 2**30)
     with pytest.raises(MemoryBudgetError):  # chunks that would not help: the whole-layer minimum is named
         pipe.plan(mlx_sora.request.GenerationRequest.build("a cat", pipe.defaults, model_name="tiny", **options))
 

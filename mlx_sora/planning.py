@@ -1,0 +1,152 @@
+"""The memory plan of a generation: which units of each phase stay resident, which are streamed, and
+how the VAE decodes, decided from the request and the memory budget before any heavy work.
+
+``GenerationPlanner`` plans the three phases (text encoding, denoising, decoding) of a request with
+``runtime.streaming.plan_phase``. It needs the models' skeletons (configs, units and activation
+estimates; no weights) and the size of every unit; where the sizes come from is the caller's: the
+converted folders' file headers for the MLX pipeline (``folder_unit_sizes``), the exported packages
+for Core ML, the configs alone for a projection. One planner for every backend, so they plan alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .models.stdit3_layers import CHUNK_BYTES
+from .models.units import Unit
+from .request import GenerationRequest
+from .runtime.memory import process_rss
+from .runtime.streaming import MemoryBudgetError, PhasePlan, UnitSize, format_bytes, plan_phase, unit_sizes
+
+# VAE decoding settings tried in order (fastest first) until the plan fits the budget:
+# (images per spatial-decoder call, tiling (tile size, overlap) in latent pixels or None).
+VAE_SETTINGS: tuple[tuple[int | None, tuple[int, int] | None], ...] = (
+    (4, None), (2, None), (1, None), (1, (32, 8)), (1, (16, 4)),
+)
+
+# Process memory a run adds beyond MLX's own allocations and what is resident at planning time:
+# worker-thread stacks and malloc arenas, compiled kernels, Python objects (measured with
+# scripts/bench_memory.py: max RSS minus MLX peak minus the planning-time RSS).
+RUNTIME_OVERHEAD = 160 * 2**20
+
+# (component, its model skeleton, the chain of units planned, how often each unit runs) -> sizes
+UnitSizer = Callable[[str, nn.Module, Sequence[Unit], dict[str, int]], list[UnitSize]]
+
+
+@dataclass
+class PlannedPhase:
+    """A planned phase: the component, its plan, and (VAE) the decoding settings."""
+
+    component: str
+    plan: PhasePlan
+    micro_batch: int | None = None
+    tiling: tuple[int, int] | None = None
+    chunk_bytes: int | None = None
+    """STDiT3: its layers a chunk at a time (``stdit3_layers.chunked_layers``), None: whole."""
+
+
+def folder_unit_sizes(components: dict[str, Path], dtype: mx.Dtype) -> UnitSizer:
+    """Unit sizes from the weight files' headers of converted folders, held in ``dtype``."""
+
+    def sizes(component: str, model: nn.Module, chain: Sequence[Unit], uses: dict[str, int]) -> list[UnitSize]:
+        return unit_sizes(model, components[component], dtype, uses, chain)
+
+    return sizes
+
+
+def decoder_chain(vae: nn.Module) -> tuple[Unit, ...]:
+    """The units of VAE decoding, in the order they run: temporal decoder, then spatial decoder."""
+    return vae.temporal_decoder_units + vae.spatial_decoder_units
+
+
+class GenerationPlanner:
+    """Plans requests for one model (its skeletons: ``text_encoder``, ``stdit3``, ``vae``)."""
+
+    def __init__(self, skeletons: dict[str, nn.Module], sizes: UnitSizer, memory_budget: int | None,
+                 overlap: bool = True, baseline: Callable[[], int] = process_rss):
+        self.skeletons = skeletons
+        self.sizes = sizes
+        self.memory_budget = memory_budget
+        self.overlap = overlap
+        self.baseline = baseline
+        self.text_length = skeletons["stdit3"].config.model_max_length
+
+    def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """Latent (T, H, W) of a video size, from the VAE's config."""
+        return tuple(self.skeletons["vae"].get_latent_size((frames, height, width)))
+
+    def _unit_sizes(self, component: str, uses: int | dict[str, int] = 1) -> list[UnitSize]:
+        model = self.skeletons[component]
+        chain = decoder_chain(model) if component == "vae" else model.units
+        per_unit = uses if isinstance(uses, dict) else {u.name: uses for u in chain}
+        return self.sizes(component, model, chain, per_unit)
+
+    def plan(self, request: GenerationRequest) -> list[PlannedPhase]:
+        """Plan the three phases for a request (raises MemoryBudgetError before any heavy work)."""
+        batch = len(request.texts)
+        baseline = self.baseline() + RUNTIME_OVERHEAD
+        budget = self.memory_budget
+        what = f" at {request.height}x{request.width}, {request.num_frames} frames"
+        t5, vae = self.skeletons["text_encoder"], self.skeletons["vae"]
+        latent = self.latent_size(request.num_frames, request.height, request.width)
+        phases = [
+            PlannedPhase("text_encoder", plan_phase(
+                "text encoding", self._unit_sizes("text_encoder"), budget, baseline,
+                t5.activation_bytes(batch, self.text_length), self.overlap, what)),
+            self._plan_denoising(request, latent, baseline, what),
+        ]
+        chunks = len(vae.temporal_chunks(latent[0], request.num_frames))
+        failure: MemoryBudgetError | None = None
+        for micro_batch, tiling in VAE_SETTINGS if budget is not None else ((vae.micro_batch_size, None),):
+            vae.micro_batch_size = micro_batch
+            vae.set_tiling(tiling is not None, *(tiling or (vae.tile_size, vae.tile_overlap)))
+            images = batch * (vae.micro_frame_size or request.num_frames)
+            spatial_calls = chunks * -(-images // (micro_batch or images))
+            if tiling is not None:
+                spatial_calls *= len(vae.spatial_vae.tiles(latent[1], *tiling)) * len(
+                    vae.spatial_vae.tiles(latent[2], *tiling))
+            uses = {u.name: chunks for u in vae.temporal_decoder_units}
+            uses.update({u.name: spatial_calls for u in vae.spatial_decoder_units})
+            try:
+                plan = plan_phase("decoding", self._unit_sizes("vae", uses), budget, baseline,
+                                  vae.decode_activation_bytes(batch, latent[1], latent[2]), self.overlap, what)
+            except MemoryBudgetError as e:
+                failure = e
+                continue
+            if tiling is not None or micro_batch != VAE_SETTINGS[0][0]:
+                tiles = f", tiles {tiling[0]}/{tiling[1]} latent px" if tiling else ""
+                plan.notes.append(f"VAE: {micro_batch} image(s) per spatial-decoder call{tiles} to fit the budget")
+            phases.append(PlannedPhase("vae", plan, micro_batch, tiling))
+            break
+        else:
+            assert failure is not None
+            raise failure
+        return phases
+
+    def _plan_denoising(self, request: GenerationRequest, latent: tuple[int, int, int], baseline: int,
+                        what: str) -> PlannedPhase:
+        """STDiT3's layers are built whole when the plan fits; a chunk at a time (slower by 5-10 %,
+        a third of the activation memory at 256x256x68) only when the budget needs it."""
+        stdit = self.skeletons["stdit3"]
+        sizes = self._unit_sizes("stdit3", uses=request.sampler.num_steps)
+
+        def activations(chunk_bytes: int | None) -> int:
+            return stdit.activation_bytes(2 * len(request.texts), latent, self.text_length, chunk_bytes)
+
+        def plan(chunk_bytes: int | None) -> PhasePlan:
+            return plan_phase("denoising", sizes, self.memory_budget, baseline, activations(chunk_bytes),
+                              self.overlap, what)
+
+        try:
+            return PlannedPhase("stdit3", plan(None))
+        except MemoryBudgetError:
+            if activations(CHUNK_BYTES) >= activations(None):
+                raise  # small latents: chunks would not lower the peak
+            chunked = plan(CHUNK_BYTES)
+            chunked.notes.append(f"STDiT3: attention and MLP built {format_bytes(CHUNK_BYTES)} at a time to fit the budget")
+            return PlannedPhase("stdit3", chunked, chunk_bytes=CHUNK_BYTES)
