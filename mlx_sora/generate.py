@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--no-overlap", action="store_true", help="stream without loading ahead (for measuring)")
     memory.add_argument("--device-profile", default=None, choices=list(PROFILES),
                         help="a target device's settings: " + "; ".join(f"{k}: {v.description}" for k, v in PROFILES.items()))
+    coreml = p.add_argument_group("Core ML (units exported by python -m mlx_sora.export_coreml)")
+    coreml.add_argument("--coreml", default=None, metavar="DIR",
+                        help="run the exported units of DIR instead of an MLX model: with Core ML on macOS, replayed "
+                             "op by op elsewhere (slow: for checking an export)")
+    coreml.add_argument("--compute-units", default="cpu_and_gpu",
+                        choices=["cpu_and_gpu", "all", "cpu_only", "cpu_and_ne"],
+                        help="where Core ML runs the units (macOS; 'all' includes the Neural Engine)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, plan or summary")
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     ensure_fast_cpu_blas(args.quiet)
+    if args.coreml:
+        return _run_coreml(args, options, paths)
 
     from .conversion.registry import resolve_model
     from .io.video import write_mp4
@@ -145,6 +154,43 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model {bundle.name}: " + ", ".join(f"{k} {v}" for k, v in bundle.components.items()))
             for phase in pipe.plan(request):
                 print(phase.plan.summary())
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            results = pipe.run(request, progress=not args.quiet)
+        for result in results:
+            for index, frames in enumerate(result.videos):
+                path = write_mp4(paths[(index, result.seed)], frames, fps=request.fps)
+                if not args.quiet:
+                    print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
+                          f"{request.fps} fps, seed {result.seed})")
+            if not args.quiet:
+                print(result.summary())
+    except (UserError, OSError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_coreml(args: argparse.Namespace, options: dict, paths: dict) -> int:
+    """The same generation from a Core ML export (``--coreml DIR``)."""
+    from .coreml.pipeline import CoreMLPipeline
+    from .io.video import write_mp4
+
+    try:
+        if args.model or args.dtype:
+            raise UserError("--coreml runs the exported units; --model and --dtype do not apply (the export fixed them)")
+        if args.memory_budget not in (None, "none"):
+            raise UserError("--memory-budget with --coreml: leave it out (the export's CI-DL plan) or 'none' (every "
+                            "unit resident); budgets are planned at export time (export_coreml --memory-budget)")
+        if args.tdtm_steps is None and not args.device_profile:
+            options["tdtm_steps"] = None  # the export's setting
+        pipe = CoreMLPipeline(args.coreml, compute_units=args.compute_units, overlap=not args.no_overlap,
+                              memory_budget=None if args.memory_budget == "none" else "plan")
+        request = pipe.request(args.prompt, **options)
+        if not args.quiet:
+            print(f"model {pipe.name}")
+            if pipe.backend.name == "replay":
+                print("note: Core ML runs only on macOS; replaying the packages op by op (slow)")
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             results = pipe.run(request, progress=not args.quiet)

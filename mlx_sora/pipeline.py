@@ -141,6 +141,18 @@ class Pipeline:
         return cls(resolve_model(model, prefer_quantized), dtype=dtype, memory_budget=memory_budget,
                    overlap=overlap, keep_loaded=keep_loaded)
 
+    @staticmethod
+    def from_coreml(folder: str | Path, backend: str = "auto", compute_units: str = "cpu_and_gpu",
+                    memory_budget: str | None = "plan", overlap: bool = True):
+        """The Core ML units exported into ``folder`` (``python -m mlx_sora.export_coreml``), run by Core ML
+        on macOS (``compute_units``: cpu_and_gpu, all, cpu_only) and replayed op by op elsewhere; the same
+        ``generate`` (``coreml.pipeline.CoreMLPipeline``). ``memory_budget``: "plan" (the export's CI-DL
+        plan) or None (every unit resident)."""
+        from .coreml.pipeline import CoreMLPipeline
+
+        return CoreMLPipeline(folder, backend=backend, compute_units=compute_units, memory_budget=memory_budget,
+                              overlap=overlap)
+
     # ------------------------------------------------------------ sizes and plans
 
     def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:

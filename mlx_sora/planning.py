@@ -68,12 +68,15 @@ class GenerationPlanner:
     """Plans requests for one model (its skeletons: ``text_encoder``, ``stdit3``, ``vae``)."""
 
     def __init__(self, skeletons: dict[str, nn.Module], sizes: UnitSizer, memory_budget: int | None,
-                 overlap: bool = True, baseline: Callable[[], int] = process_rss):
+                 overlap: bool = True, baseline: Callable[[], int] = process_rss,
+                 vae_settings: Sequence[tuple[int | None, tuple[int, int] | None]] = VAE_SETTINGS):
         self.skeletons = skeletons
         self.sizes = sizes
         self.memory_budget = memory_budget
         self.overlap = overlap
         self.baseline = baseline
+        self.vae_settings = tuple(vae_settings)
+        """VAE decoding settings tried in order under a budget (a backend with fixed calls: just its own)."""
         self.text_length = skeletons["stdit3"].config.model_max_length
 
     def latent_size(self, frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -102,7 +105,9 @@ class GenerationPlanner:
         ]
         chunks = len(vae.temporal_chunks(latent[0], request.num_frames))
         failure: MemoryBudgetError | None = None
-        for micro_batch, tiling in VAE_SETTINGS if budget is not None else ((vae.micro_batch_size, None),):
+        settings = self.vae_settings if budget is not None or self.vae_settings != VAE_SETTINGS else (
+            (vae.micro_batch_size, None),)
+        for micro_batch, tiling in settings:
             vae.micro_batch_size = micro_batch
             vae.set_tiling(tiling is not None, *(tiling or (vae.tile_size, vae.tile_overlap)))
             images = batch * (vae.micro_frame_size or request.num_frames)
@@ -118,7 +123,7 @@ class GenerationPlanner:
             except MemoryBudgetError as e:
                 failure = e
                 continue
-            if tiling is not None or micro_batch != VAE_SETTINGS[0][0]:
+            if tiling is not None or micro_batch != self.vae_settings[0][0]:
                 tiles = f", tiles {tiling[0]}/{tiling[1]} latent px" if tiling else ""
                 plan.notes.append(f"VAE: {micro_batch} image(s) per spatial-decoder call{tiles} to fit the budget")
             phases.append(PlannedPhase("vae", plan, micro_batch, tiling))

@@ -97,3 +97,28 @@ def memory_cap():
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# ---------------------------------------------------------------- Core ML exports of the demo model
+
+
+def export_demo(folder: Path, *extra: str) -> Path:
+    """``python -m mlx_sora.export_coreml --model demo --out folder ...`` in this process."""
+    from mlx_sora.coreml.export import export
+    from mlx_sora.export_coreml import build_parser, plan_export
+
+    plan = plan_export(build_parser().parse_args(["--model", "demo", "--out", str(folder), *extra]))
+    export(plan, folder, log=lambda line: None)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_export_fp32(tmp_path_factory) -> Path:
+    pytest.importorskip("coremltools")
+    return export_demo(tmp_path_factory.mktemp("coreml") / "demo_fp32", "--precision", "float32")
+
+
+@pytest.fixture(scope="session")
+def demo_export_fp16(tmp_path_factory) -> Path:
+    pytest.importorskip("coremltools")
+    return export_demo(tmp_path_factory.mktemp("coreml") / "demo_fp16")
