@@ -212,3 +212,25 @@ def test_a_tampered_manifest_is_refused(tmp_path, demo_export_fp32):
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         read_manifest(copy)
+
+
+def test_the_faster_float16_overflow_check_answers_as_coremltools():
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
+
+    from mlx_sora.coreml.toolkit import faster_conversion
+
+    values = {"small": [1.0, -2.0], "large": [7e4, 1.0], "huge_negative": [-65505.0], "infinite": [-np.inf, 3.0],
+              "beyond_1e38": [2e38], "nan": [np.nan, 1.0], "edge": [65504.0]}
+    for name, value in values.items():
+        @mb.program(input_specs=[mb.TensorSpec(shape=(len(value),), dtype=types.fp32)])
+        def prog(x):
+            return mb.add(x=x, y=np.array(value, np.float32))
+
+        op = next(op for op in prog.functions["main"].operations if op.op_type == "add")
+        want = FP16ComputePrecision().fp16_overflow(op)
+        with faster_conversion():
+            got = FP16ComputePrecision().fp16_overflow(op)
+        assert FP16ComputePrecision().fp16_overflow(op) == want  # restored
+        assert got == want, name

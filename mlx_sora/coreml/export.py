@@ -80,11 +80,14 @@ class UnitReport:
     peak_activation: float
     peak_op: str
     fp32_ops: int
+    stages: dict[str, float] = field(default_factory=dict)
+    """Seconds per stage: reading the weights, calibrating, converting, saving."""
 
     def line(self) -> str:
+        stages = ", ".join(f"{name} {seconds:.1f}" for name, seconds in self.stages.items())
         return (f"{self.component}/{self.unit}: {len(self.functions)} function(s), {format_bytes(self.weight_bytes)}, "
                 f"max |activation| {self.peak_activation:.4g} ({self.peak_op or '-'}) of float16's 65504, "
-                f"{self.fp32_ops} op(s) kept float32, {self.seconds:.1f} s")
+                f"{self.fp32_ops} op(s) kept float32, {self.seconds:.1f} s ({stages})")
 
 
 @dataclass
@@ -272,7 +275,9 @@ def export(plan: ExportPlan, out: Path, overwrite: bool = False,
             carries = _calibration_carries(plan, component, text_outputs)
             for unit in component_chain(plan, component):
                 unit_start = time.perf_counter()
+                stages = {}
                 weights = unit_weights(folder, plan.skeletons[component], unit)
+                stages["read"] = time.perf_counter() - unit_start
                 stats = ActivationStats()
                 if component == "vae" and unit.name == "spatial_decoder_in":
                     carries["spatial"] = {"spatial_latent": carries.pop("temporal")["spatial_latents"][:, :, 0]}
@@ -281,17 +286,21 @@ def export(plan: ExportPlan, out: Path, overwrite: bool = False,
                     fn = _pick(calibration, key)
                     _apply_outputs(carry, calibrate(fn, {i.name: carry[i.name] for i in fn.inputs}, stats))
                 del calibration
+                stages["calibrate"] = time.perf_counter() - unit_start - sum(stages.values())
                 functions = _export_functions(plan, component, unit.name, weights)
                 del weights
                 model, built = convert_unit(functions, plan.precision, plan.compression[component],
                                             stats.unsafe_in_fp16())
                 del functions
+                stages["convert"] = time.perf_counter() - unit_start - sum(stages.values())
                 file = Path(component) / f"{unit.name}.mlpackage"
                 weight_bytes = save_model(model, tmp / file)
                 del model
                 gc.collect()
+                stages["save"] = time.perf_counter() - unit_start - sum(stages.values())
                 report = UnitReport(component, unit.name, built.functions, weight_bytes,
-                                    time.perf_counter() - unit_start, stats.peak, stats.peak_op(), len(built.fp32_ops))
+                                    time.perf_counter() - unit_start, stats.peak, stats.peak_op(), len(built.fp32_ops),
+                                    stages)
                 result.units.append(report)
                 log(report.line())
                 records[component].append({

@@ -26,7 +26,7 @@ from ..errors import UserError
 from .mil import Net
 from .replay import OpRecord, replay_function
 from .spec import UnitFunction
-from .toolkit import coremltools, quiet, validate_once
+from .toolkit import coremltools, faster_conversion, quiet
 
 FP16_MAX = 65504.0
 FP16_SAFE = FP16_MAX / 8
@@ -196,7 +196,7 @@ def convert_unit(functions: Sequence[UnitFunction], precision: str, compression:
         compute_precision = ct.precision.FLOAT32
     else:
         compute_precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: op.name not in forced)
-    with quiet(), validate_once():
+    with quiet(), faster_conversion():
         model = ct.convert(program, convert_to="mlprogram", minimum_deployment_target=deployment_target(),
                            compute_precision=compute_precision, pass_pipeline=pipeline, skip_model_load=True)
     inputs = {fn.name: [t.to_json() for t in fn.inputs] for fn in functions}

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -338,7 +338,3 @@ class PackageReplay:
         if name not in self._compiled:
             self._compiled[name] = CompiledFunction(self.program.functions[name])
         return self._compiled[name](inputs, observe)
-
-
-def op_types(function: Any) -> Iterable[str]:
-    return (op.op_type for op in function.operations)

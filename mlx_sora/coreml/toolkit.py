@@ -78,20 +78,38 @@ def quiet() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def validate_once() -> Iterator[None]:
-    """coremltools validates the whole program after each of its ~100 passes (a third of the time a
-    conversion takes); inside the block it validates only where it also checks the program's
-    essential scopes: after dead-code elimination and before the program is written."""
+def faster_conversion() -> Iterator[None]:
+    """Two costs of coremltools' conversion that grow with the model but change nothing in its result:
+
+    * it validates the whole program after each of its ~100 passes (a third of the time a block's
+      conversion takes); here it validates where it also checks the program's essential scopes: after
+      dead-code elimination and before the program is written;
+    * its float16 pass asks, for every op and every float32 constant feeding it, whether a finite value
+      exceeds float16's range, by collecting the indices of all values below 1e38 (``np.where``): 13 s
+      and 670 MB of indices for one 4096 x 10240 T5 weight; here the same test is one vectorised
+      comparison (0.3 s), with the same answer (NaN and values of 1e38 and above never count).
+    """
+    import numpy as np
+    from coremltools.converters.mil.mil.passes.defs.quantization import FP16ComputePrecision
     from coremltools.converters.mil.mil.program import Program
 
-    validate = Program.validate
+    validate, overflow = Program.validate, FP16ComputePrecision.__dict__["fp16_overflow"]  # a staticmethod
 
     def essential_only(self, check_essential_scope: bool = False) -> None:
         if check_essential_scope:
             validate(self, check_essential_scope=True)
 
-    Program.validate = essential_only
+    def fp16_overflow(op) -> bool:
+        for inputs in op.inputs.values():
+            for var in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+                if var.op is not None and var.op.op_type == "const" and var.is_tensor_or_scalar_of(dtype="fp32"):
+                    magnitude = np.abs(np.asarray(var.op.val.val))
+                    if ((magnitude > 65504) & (magnitude < 1e38)).any():
+                        return True
+        return False
+
+    Program.validate, FP16ComputePrecision.fp16_overflow = essential_only, staticmethod(fp16_overflow)
     try:
         yield
     finally:
-        Program.validate = validate
+        Program.validate, FP16ComputePrecision.fp16_overflow = validate, overflow
