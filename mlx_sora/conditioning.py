@@ -295,7 +295,7 @@ def preprocess_reference(frames: np.ndarray, size: tuple[int, int], kind: str) -
     return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Reference:
     """One reference, read and preprocessed: ``video`` [3, T, H, W] float32 in [-1, 1]."""
 
@@ -491,3 +491,71 @@ __all__ = [
     "parse_mask_strategy", "preprocess_reference", "read_reference_frames", "resize_crop_image",
     "resize_crop_video", "split_reference_paths",
 ]
+
+
+# ---------------------------------------------------------------- from options to a spec
+
+
+def release_latent_frames(frames: int) -> int:
+    """Latent frames of a clip with Open-Sora 1.2's VAE (17-frame chunks of 5, 4x in time)."""
+    full, rest = divmod(frames, FRAMES_PER_CHUNK)
+    return full * LATENT_FRAMES_PER_CHUNK + -(-rest // 4)
+
+
+def _per_prompt(value, count: int, name: str) -> list:
+    """An option given once for every prompt, or once per prompt."""
+    if value is None or isinstance(value, (str, Path, np.ndarray)):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise UserError(f"{name}: give one value for every prompt or one per prompt ({count}), got {len(values)}")
+    return values
+
+
+def _sources(value) -> list[ReferenceSource]:
+    if value is None or (isinstance(value, str) and value == ""):
+        return []
+    if isinstance(value, str):
+        return split_reference_paths(value)
+    if isinstance(value, (Path, np.ndarray)):
+        return [value]
+    return [s for item in value for s in _sources(item)]
+
+
+def build_conditioning(
+    prompts: Sequence[str],
+    size: tuple[int, int],
+    num_frames: int,
+    references=None,
+    mask_strategy=None,
+    loop: int = 1,
+    condition_frame_length: int = 5,
+    condition_frame_edit: float = 0.0,
+    align: int | None = None,
+    latent_frames=release_latent_frames,
+    where: Sequence[str] | None = None,
+) -> tuple[list[str], ConditioningSpec | None]:
+    """The prompts without their embedded JSON, and the checked conditioning (None: plain text-to-video).
+
+    ``references``: for every prompt, or one entry per prompt; an entry is a path (several joined by
+    ';' as in the reference), uint8 frames, or a list of those. With a single prompt a list is that
+    prompt's references. ``mask_strategy``: a string for every prompt, or one per prompt. A prompt's
+    embedded ``{"reference_path": ..., "mask_strategy": ...}`` replaces the option for that prompt,
+    as in the reference."""
+    where = list(where) if where is not None else [f"prompt {i}" for i in range(len(prompts))]
+    if len(prompts) == 1 and references is not None and not isinstance(references, (str, Path, np.ndarray)):
+        references = [references]
+    refs = _per_prompt(references, len(prompts), "references (--reference-path)")
+    strategies = _per_prompt(mask_strategy, len(prompts), "mask_strategy (--mask-strategy)")
+    texts, sources, parsed = [], [], []
+    for i, prompt in enumerate(prompts):
+        text, ref_json, ms_json = extract_prompt_json(prompt, where[i])
+        texts.append(text)
+        sources.append(_sources(ref_json if ref_json is not None else refs[i]))
+        parsed.append(parse_mask_strategy(ms_json if ms_json is not None else strategies[i], where[i] + " mask strategy"
+                                          if ms_json is not None else "--mask-strategy"))
+    if loop == 1 and not any(sources) and not any(parsed):
+        return texts, None
+    spec = check_conditioning(sources, parsed, size, latent_frames(num_frames), latent_frames, loop,
+                              condition_frame_length, condition_frame_edit, align, where)
+    return texts, spec

@@ -67,6 +67,10 @@ class GenerationResult:
     plans: list[PhasePlan] = field(default_factory=list)
     memory_budget: int | None = None
     warnings: list[str] = field(default_factory=list)
+    refined_prompts: list[str] = field(default_factory=list)
+    """--refine-prompt: the prompts as the LLM rewrote them (before cleaning and score suffixes)."""
+    loops: int = 1
+    """Reference conditioning: clips made one after the other, each extending the previous one."""
 
     @property
     def max_rss(self) -> int:
@@ -217,8 +221,15 @@ class Pipeline:
         ``image_size=(height, width)``, ``num_frames`` (int or "2s"...), ``fps``, ``steps``,
         ``cfg_scale``, ``seed`` (int or list), ``aes``, ``flow``, ``camera_motion``, ``lpl`` (step or
         "dynamic"), ``tdtm_steps``, ``discrete_timesteps``.
+
+        Reference conditioning (Open-Sora 1.2's modes): ``references`` (paths, ';'-joined paths or
+        uint8 frames; one entry per prompt, or a list for a single prompt), ``mask_strategy``
+        ("loop,reference,reference_start,target_start,length,edit_ratio;..."), ``loop`` with
+        ``condition_frame_length`` (latent frames, a multiple of 5) and ``condition_frame_edit``,
+        ``align``. See ``conditioning.py``.
         """
         seed = options.get("seed", 42)
+        options.setdefault("latent_frames", self._skeletons["vae"].latent_frames)  # reference conditioning
         request = GenerationRequest.build(prompt, self.defaults, model_name=f"the {self.bundle.name} model",
                                           **options)
         for message in request.warnings:
@@ -238,6 +249,10 @@ class Pipeline:
             mx.set_cache_limit(previous_cache_limit)
 
     def _run(self, request: GenerationRequest, plans: list[PlannedPhase], progress: bool) -> list[GenerationResult]:
+        if request.conditioning is not None and request.conditioning.active:  # references / loops (issue 19)
+            from .conditioned_run import run_conditioned
+
+            return run_conditioned(self, request, plans, progress)
         text_phase, denoise_phase, decode_phase = plans
         texts = list(request.texts)
         results = [GenerationResult([], texts, s, request.fps, plans=[p.plan for p in plans],
@@ -269,11 +284,17 @@ class Pipeline:
             result.phases.append(phase)
         return results
 
-    def _denoise(self, model: nn.Module, weights: StreamingWeights | None, result: GenerationResult,
-                 y: mx.array, text_mask: mx.array, request: GenerationRequest, progress: bool) -> mx.array:
-        batch = y.shape[0]
+    def initial_noise(self, batch: int, request: GenerationRequest, seed: int) -> mx.array:
         latent_t, latent_h, latent_w = self.latent_size(request.num_frames, request.height, request.width)
-        z = mx.random.normal((batch, 4, latent_t, latent_h, latent_w), key=mx.random.key(result.seed))
+        return mx.random.normal((batch, 4, latent_t, latent_h, latent_w), key=mx.random.key(seed))
+
+    def _denoise(self, model: nn.Module, weights: StreamingWeights | None, result: GenerationResult,
+                 y: mx.array, text_mask: mx.array, request: GenerationRequest, progress: bool,
+                 z: mx.array | None = None, mask: mx.array | None = None, noise=None) -> mx.array:
+        """``z``/``mask``/``noise``: a conditioned initial latent, its frame mask and re-noising noise
+        (``conditioned_run``); by default the seed's noise, unconditioned."""
+        batch = y.shape[0]
+        z = self.initial_noise(batch, request, result.seed) if z is None else z
         result.latent_shape = tuple(z.shape)
         dtype = self.dtype
         cond = [mx.array([v] * batch, dtype=dtype) for v in (request.height, request.width, request.num_frames)]
@@ -285,13 +306,15 @@ class Pipeline:
         timesteps = sampling_timesteps(config.num_steps, batch, *cond,
                                        use_discrete_timesteps=config.use_discrete_timesteps)
 
-        def denoise(z_in: mx.array, t_in: mx.array, merge: bool) -> mx.array:
+        def denoise(z_in: mx.array, t_in: mx.array, merge: bool, x_mask: mx.array | None = None) -> mx.array:
             inputs = dict(x=z_in.astype(dtype), timestep=t_in, y=y_in, mask=text_mask, fps=fps_cond,
                           height=cond[0], width=cond[1], merge=merge)
+            if x_mask is not None:
+                inputs["x_mask"] = x_mask
             return run_units(model.units, inputs, weights, evaluate=True)
 
         bar = tqdm(total=config.num_steps, desc=f"denoising (seed {result.seed})", disable=not progress, leave=False)
-        for z, info in iterate_sampling(denoise, z, timesteps, config, result.sampling):
+        for z, info in iterate_sampling(denoise, z, timesteps, config, result.sampling, mask, noise):
             bar.update(config.num_steps - bar.n if info.leapt else 1)
         bar.close()
         if not mx.isfinite(z).all().item():
@@ -302,12 +325,16 @@ class Pipeline:
 
     def _decode(self, vae: nn.Module, weights: StreamingWeights | None, z: mx.array, frames: int,
                 progress: bool) -> list[np.ndarray]:
+        return [to_uint8_frames(v) for v in self._decode_video(vae, weights, z, frames, progress)]
+
+    def _decode_video(self, vae: nn.Module, weights: StreamingWeights | None, z: mx.array, frames: int,
+                      progress: bool) -> np.ndarray:
+        """Latents -> float32 videos [B, 3, T, H, W] as the VAE gives them (unclamped)."""
         chunks = []
         pieces = vae.decode_chunks(z.astype(self.dtype), num_frames=frames, weights=weights)
         for chunk in tqdm(pieces, desc="decoding", disable=not progress, leave=False):
             chunks.append(np.array(chunk.astype(mx.float32)))
-        video = np.concatenate(chunks, axis=2)  # [B, 3, T, H, W]
-        return [to_uint8_frames(v) for v in video]
+        return np.concatenate(chunks, axis=2)
 
 
 __all__ = ["GenerationResult", "Pipeline"]
