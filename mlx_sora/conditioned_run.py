@@ -134,6 +134,8 @@ def run_conditioned(pipe: "Pipeline", request: GenerationRequest, plans: list[Pl
 
     for result in results:
         result.videos = [to_uint8_frames(video) for video in join_loops(clips[result.seed], spec.condition_frame_length)]
+        if spec.loops > 1:
+            result.loop_videos = [[to_uint8_frames(v) for v in clip] for clip in clips[result.seed]]
     return results
 
 

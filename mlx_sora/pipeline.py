@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -44,6 +44,9 @@ from .runtime.streaming import (
     parse_memory_size,
 )
 from .sampling import IMG_FPS, SamplingReport, iterate_sampling, sampling_timesteps
+
+if TYPE_CHECKING:
+    from .prompts.refine import RefinerSettings
 
 
 def default_compute_dtype() -> mx.Dtype:
@@ -71,6 +74,8 @@ class GenerationResult:
     """--refine-prompt: the prompts as the LLM rewrote them (before cleaning and score suffixes)."""
     loops: int = 1
     """Reference conditioning: clips made one after the other, each extending the previous one."""
+    loop_videos: list[list[np.ndarray]] = field(default_factory=list)
+    """With loops: every loop's whole clip per prompt ([loop][prompt] uint8 [T, H, W, 3]), overlap included."""
 
     @property
     def max_rss(self) -> int:
@@ -220,7 +225,8 @@ class Pipeline:
         Options (None = the model's default): ``resolution``/``aspect_ratio`` (Open-Sora buckets) or
         ``image_size=(height, width)``, ``num_frames`` (int or "2s"...), ``fps``, ``steps``,
         ``cfg_scale``, ``seed`` (int or list), ``aes``, ``flow``, ``camera_motion``, ``lpl`` (step or
-        "dynamic"), ``tdtm_steps``, ``discrete_timesteps``.
+        "dynamic"), ``tdtm_steps``, ``discrete_timesteps``, ``refine_prompt`` (True or an mlx-lm model:
+        rewrite the prompts with a local LLM first).
 
         Reference conditioning (Open-Sora 1.2's modes): ``references`` (paths, ';'-joined paths or
         uint8 frames; one entry per prompt, or a list for a single prompt), ``mask_strategy``
@@ -230,12 +236,33 @@ class Pipeline:
         """
         seed = options.get("seed", 42)
         options.setdefault("latent_frames", self._skeletons["vae"].latent_frames)  # reference conditioning
+        refine = options.pop("refine_prompt", None)
         request = GenerationRequest.build(prompt, self.defaults, model_name=f"the {self.bundle.name} model",
                                           **options)
+        refinement = None
+        if refine:  # a phase of its own before text encoding; the request is rebuilt from its prompts
+            refinement = self.refine_prompts(list(request.prompts), seed if isinstance(seed, int) else seed[0], refine)
+            request = GenerationRequest.build(refinement[0], self.defaults,
+                                              model_name=f"the {self.bundle.name} model", **options)
         for message in request.warnings:
             warnings.warn(message, stacklevel=2)
         results = self.run(request, progress)
+        if refinement is not None:
+            for result in results:
+                result.phases.insert(0, refinement[1])
+                result.plans.insert(0, refinement[2])
+                result.refined_prompts = list(refinement[0])
         return results if not isinstance(seed, int) else results[0]
+
+    def refine_prompts(self, prompts: Sequence[str], seed: int, refine: "str | bool | RefinerSettings" = True,
+                       on_refined=None) -> tuple[list[str], PhaseReport, PhasePlan]:
+        """--refine-prompt: rewrite prompts with a local mlx-lm model (``prompts/refine.py``), planned
+        within the memory budget and released before text encoding; (prompts, report, plan)."""
+        from .prompts.refine import DEFAULT_REFINER, RefinerSettings, refine_prompts
+
+        settings = refine if isinstance(refine, RefinerSettings) else RefinerSettings(
+            model=refine if isinstance(refine, str) else DEFAULT_REFINER)
+        return refine_prompts(prompts, seed, self.memory_budget, settings, on_refined)
 
     def run(self, request: GenerationRequest, progress: bool = False) -> list[GenerationResult]:
         """Run a validated request: plan every phase first, then text encoding, denoising of every
