@@ -261,10 +261,12 @@ def _run_batch(args: argparse.Namespace, pipe, bundle, batch: list[PromptLine], 
         def show(before: str, after: str) -> None:
             print(f"refined prompt: {before!r}\n             -> {after!r}")
 
-        refinement = pipe.refine_prompts(texts, args.seed[0], model or True, show)
+        def show_plan(plan) -> None:
+            if not args.quiet:
+                print(plan.summary())
+
+        refinement = pipe.refine_prompts(texts, args.seed[0], model or True, show, show_plan)
         texts = refinement[0]
-        if not args.quiet:
-            print(refinement[2].summary())
     request = GenerationRequest.build(texts, bundle.defaults, model_name=f"the {bundle.name} model",
                                       latent_frames=latent_frames, prompt_names=names, **options)
     for message in request.warnings:

@@ -255,14 +255,14 @@ class Pipeline:
         return results if not isinstance(seed, int) else results[0]
 
     def refine_prompts(self, prompts: Sequence[str], seed: int, refine: "str | bool | RefinerSettings" = True,
-                       on_refined=None) -> tuple[list[str], PhaseReport, PhasePlan]:
+                       on_refined=None, on_plan=None) -> tuple[list[str], PhaseReport, PhasePlan]:
         """--refine-prompt: rewrite prompts with a local mlx-lm model (``prompts/refine.py``), planned
         within the memory budget and released before text encoding; (prompts, report, plan)."""
         from .prompts.refine import DEFAULT_REFINER, RefinerSettings, refine_prompts
 
         settings = refine if isinstance(refine, RefinerSettings) else RefinerSettings(
             model=refine if isinstance(refine, str) else DEFAULT_REFINER)
-        return refine_prompts(prompts, seed, self.memory_budget, settings, on_refined)
+        return refine_prompts(prompts, seed, self.memory_budget, settings, on_refined, on_plan)
 
     def run(self, request: GenerationRequest, progress: bool = False) -> list[GenerationResult]:
         """Run a validated request: plan every phase first, then text encoding, denoising of every

@@ -76,3 +76,24 @@ def test_join_loops_drops_the_condition_frames():
     joined = join_loops(clips, 5)
     assert joined.shape[2] == 34 + 17 + 17
     assert (joined[:, :, 34:51] == 1).all() and (joined[:, :, 51:] == 2).all()
+
+
+def test_streamed_encoder_is_bit_identical_to_resident(tiny_model_folder):
+    """The VAE encoder units run with the CI-DL weight policy (planned phases 'reference encoding',
+    'clip encoding'): streamed within a budget, the result equals the resident run bit for bit."""
+    from mlx_sora.pipeline import Pipeline
+
+    image = str(FIXTURES / "conditioning_image.png")
+    runs = {}
+    for budget in (None, "2GB"):
+        pipe = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget=budget)
+        runs[budget] = pipe.generate("a red panda eating bamboo", references=[image], mask_strategy="0", loop=2,
+                                     condition_frame_length=5, image_size=(24, 32), num_frames=34, steps=2, seed=3)
+    resident, streamed = runs[None], runs["2GB"]
+    np.testing.assert_array_equal(resident.videos[0], streamed.videos[0])
+    phases = {p.name: p for p in streamed.phases}
+    assert phases["reference encoding"].loads == 2 and phases["clip encoding (loop 1)"].loads == 2
+    plans = {p.phase: p for p in streamed.plans}
+    assert set(plans["reference encoding"].streamed) | set(plans["reference encoding"].resident) == {
+        "spatial_encoder", "temporal_encoder"}
+    assert "clip encoding" in plans and resident.phases[1].loads == 0

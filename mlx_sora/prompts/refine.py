@@ -151,10 +151,13 @@ class PromptRefiner:
 
 
 def refine_prompts(prompts: Sequence[str], seed: int, budget: int | None, settings: RefinerSettings,
-                   on_refined: Callable[[str, str], None] | None = None) -> tuple[list[str], PhaseReport, PhasePlan]:
+                   on_refined: Callable[[str, str], None] | None = None,
+                   on_plan: Callable[[PhasePlan], None] | None = None) -> tuple[list[str], PhaseReport, PhasePlan]:
     """The refinement phase: plan (MemoryBudgetError before loading), load, rewrite, release."""
     folder = resolve_refiner(settings.model)
     plan = plan_refinement(folder, budget, settings.max_tokens)
+    if on_plan is not None:
+        on_plan(plan)
     refined = []
     with measure_phase("prompt refinement") as report:
         start = time.perf_counter()
