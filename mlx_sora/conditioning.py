@@ -40,6 +40,7 @@ PROMPT_JSON_KEYS = ("reference_path", "mask_strategy")
 LATENT_FRAMES_PER_CHUNK = 5  # condition-frame lengths are whole VAE chunks: 5 latent frames = 17 frames
 FRAMES_PER_CHUNK = 17
 MAX_REFERENCE_FRAMES = 4096
+MAX_REFERENCE_BYTES = 2 * 2**30  # decoded RGB frames of one reference
 
 # A reference: a file path, or frames already in memory (uint8 [H, W, 3] image, [T, H, W, 3] video)
 ReferenceSource = Union[str, Path, np.ndarray]
@@ -164,8 +165,13 @@ def read_reference_frames(path: str | Path) -> np.ndarray:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise UserError(f"reference {path}: the file holds no image or video stream")
+            size = 0
             for frame in container.decode(video=0):
                 frames.append(frame.to_ndarray(format="rgb24"))  # torchvision's read_video: frame.to_rgb()
+                size += frames[-1].nbytes
+                if size > MAX_REFERENCE_BYTES:
+                    raise UserError(f"reference {path}: more than {MAX_REFERENCE_BYTES >> 30} GiB of decoded frames "
+                                    f"({len(frames)} frames of {frame.width}x{frame.height}); cut or scale the clip first")
                 if kind == "image" or len(frames) > MAX_REFERENCE_FRAMES:
                     break
     except UserError:
@@ -348,6 +354,8 @@ class ConditioningSpec:
     condition_frame_length: int = 5
     condition_frame_edit: float = 0.0
     align: int | None = None
+    notes: tuple[str, ...] = ()
+    """Things the user should know (a reference nothing uses, loops that repeat whole clips)."""
 
     @property
     def active(self) -> bool:
@@ -399,7 +407,10 @@ def check_conditioning(
             raise UserError(f"--condition-frame-edit must be from 0 (keep) to 1 (regenerate), got {condition_frame_edit!r}")
     if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
         raise UserError(f"--align must be a positive number of latent frames, got {align!r}")
-    prompts = []
+    prompts, notes = [], []
+    if loops > 1 and condition_frame_length == latent_frames:
+        notes.append(f"--condition-frame-length {condition_frame_length} is the whole clip ({latent_frames} latent "
+                     "frames): every loop conditions on the whole previous clip; use more --num-frames")
     for index, (sources, own) in enumerate(zip(references, strategies)):
         name = where[index] if index < len(where) else f"prompt {index}"
         loaded = []
@@ -412,12 +423,11 @@ def check_conditioning(
         for s in own:
             _check_strategy(s, name, lengths, latent_frames, loops, align)
         if loaded and not own:
-            import warnings
-
-            warnings.warn(f"{name}: a reference is given but no mask strategy uses it (the reference's default is "
-                          "none); for image-to-video give --mask-strategy 0", stacklevel=3)
+            notes.append(f"{name}: a reference is given but no mask strategy uses it (Open-Sora's default is none); "
+                         "for image-to-video give --mask-strategy 0")
         prompts.append(PromptConditioning(tuple(loaded), tuple(own)))
-    return ConditioningSpec(tuple(prompts), loops, condition_frame_length, float(condition_frame_edit), align)
+    return ConditioningSpec(tuple(prompts), loops, condition_frame_length, float(condition_frame_edit), align,
+                            tuple(notes))
 
 
 def _check_strategy(s: MaskStrategy, name: str, lengths: list[int], latent_frames: int, loops: int,

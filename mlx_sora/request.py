@@ -129,6 +129,7 @@ class GenerationRequest:
         if defaults.trained_frames and frames not in defaults.trained_frames:
             trained = ", ".join(str(n) for n in defaults.trained_frames)
             warnings.append(f"{model_name} was trained on {trained} frames, not {frames}: expect poor videos")
+        warnings.extend(conditioning.notes if conditioning is not None else ())
         return cls(given, tuple(texts), height, width, frames, fps, seeds, sampler, tuple(warnings), conditioning)
 
 

@@ -154,3 +154,9 @@ def test_loop_strategies_follow_append_generated():
     assert spec.strategies_in_loop(0, 1, 1) == [MaskStrategy(1, 0, 0, 2, 1), MaskStrategy(1, 1, -5, 0, 5, 0.25)]
     assert spec.strategies_in_loop(1, 2, 2) == [MaskStrategy(2, 1, -5, 0, 5, 0.25)]
     assert META["loop"]["final_mask_strategy"] == ["0;1,1,-5,0,5,0.0", "1,0,-5,0,5,0.0"]
+
+
+def test_notes_for_unused_references_and_whole_clip_loops():
+    spec = check_conditioning([[FIXTURES / "conditioning_image.png"]], [()], (24, 32), 5, _latent_frames, loops=2)
+    assert any("no mask strategy uses it" in n for n in spec.notes)
+    assert any("conditions on the whole previous clip" in n for n in spec.notes)
