@@ -133,7 +133,8 @@ def run_conditioned(pipe: "Pipeline", request: GenerationRequest, plans: list[Pl
         add(phase)
 
     for result in results:
-        result.videos = [to_uint8_frames(video) for video in join_loops(clips[result.seed], spec.condition_frame_length)]
+        joined = join_loops(clips[result.seed], spec.condition_frame_length)
+        result.videos = [to_uint8_frames(video) for video in joined]
         if spec.loops > 1:
             result.loop_videos = [[to_uint8_frames(v) for v in clip] for clip in clips[result.seed]]
     return results

@@ -121,7 +121,8 @@ def extract_prompt_json(prompt: str, where: str = "--prompt") -> tuple[str, str 
         raise UserError(f"{where}: the JSON after the prompt text must be an object, got {parts[1]!r}")
     for key, value in extra.items():
         if key not in PROMPT_JSON_KEYS:
-            raise UserError(f"{where}: unknown key {key!r} in the prompt's JSON; allowed: {', '.join(PROMPT_JSON_KEYS)}")
+            raise UserError(f"{where}: unknown key {key!r} in the prompt's JSON; allowed: "
+                            f"{', '.join(PROMPT_JSON_KEYS)}")
         if not isinstance(value, str):
             raise UserError(f"{where}: {key} in the prompt's JSON must be a string, got {value!r}")
     return parts[0], extra.get("reference_path"), extra.get("mask_strategy")
@@ -171,13 +172,15 @@ def read_reference_frames(path: str | Path) -> np.ndarray:
                 size += frames[-1].nbytes
                 if size > MAX_REFERENCE_BYTES:
                     raise UserError(f"reference {path}: more than {MAX_REFERENCE_BYTES >> 30} GiB of decoded frames "
-                                    f"({len(frames)} frames of {frame.width}x{frame.height}); cut or scale the clip first")
+                                    f"({len(frames)} frames of {frame.width}x{frame.height}); cut or scale the "
+                                    "clip first")
                 if kind == "image" or len(frames) > MAX_REFERENCE_FRAMES:
                     break
     except UserError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise UserError(f"reference {path}: cannot be read as {'an image' if kind == 'image' else 'a video'} ({e})") from None
+        what = "an image" if kind == "image" else "a video"
+        raise UserError(f"reference {path}: cannot be read as {what} ({e})") from None
     if not frames:
         raise UserError(f"reference {path}: no frame could be decoded")
     if len(frames) > MAX_REFERENCE_FRAMES:
@@ -396,15 +399,17 @@ def check_conditioning(
     if isinstance(loops, bool) or not isinstance(loops, int) or not 1 <= loops <= 64:
         raise UserError(f"--loop must be an integer from 1 to 64, got {loops!r}")
     if loops > 1:
-        if (isinstance(condition_frame_length, bool) or not isinstance(condition_frame_length, int)
-                or condition_frame_length < LATENT_FRAMES_PER_CHUNK or condition_frame_length % LATENT_FRAMES_PER_CHUNK):
+        length = condition_frame_length
+        if (isinstance(length, bool) or not isinstance(length, int) or length < LATENT_FRAMES_PER_CHUNK
+                or length % LATENT_FRAMES_PER_CHUNK):
             raise UserError(f"--condition-frame-length {condition_frame_length!r}: latent frames, a positive multiple "
                             f"of {LATENT_FRAMES_PER_CHUNK} (5 latent frames are {FRAMES_PER_CHUNK} video frames)")
         if condition_frame_length > latent_frames:
             raise UserError(f"--condition-frame-length {condition_frame_length} is longer than the clip "
                             f"({latent_frames} latent frames); use more --num-frames or a shorter condition")
         if not (isinstance(condition_frame_edit, (int, float)) and 0.0 <= condition_frame_edit <= 1.0):
-            raise UserError(f"--condition-frame-edit must be from 0 (keep) to 1 (regenerate), got {condition_frame_edit!r}")
+            raise UserError(f"--condition-frame-edit must be from 0 (keep) to 1 (regenerate), got "
+                            f"{condition_frame_edit!r}")
     if align is not None and (isinstance(align, bool) or not isinstance(align, int) or align < 1):
         raise UserError(f"--align must be a positive number of latent frames, got {align!r}")
     prompts, notes = [], []

@@ -97,10 +97,13 @@ def test_prompt_file_batches_write_reference_names(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["--reference-path", "{tmp}/missing.png", "--mask-strategy", "0"], "missing.png: no such file"),
     (["--reference-path", "{tmp}/broken.png", "--mask-strategy", "0"], "broken.png: cannot be read as an image"),
-    (["--reference-path", "{tmp}/ok.png", "--mask-strategy", "0,0,x"], "--mask-strategy '0,0,x': group 1 '0,0,x': the reference start 'x' is not an integer"),
-    (["--reference-path", "{tmp}/ok.png", "--mask-strategy", "0,0,2"], "reference start 2 points past the reference (1 latent frame(s)"),
+    (["--reference-path", "{tmp}/ok.png", "--mask-strategy", "0,0,x"],
+     "--mask-strategy '0,0,x': group 1 '0,0,x': the reference start 'x' is not an integer"),
+    (["--reference-path", "{tmp}/ok.png", "--mask-strategy", "0,0,2"],
+     "reference start 2 points past the reference (1 latent frame(s)"),
     (["--reference-path", "{tmp}/ok.png", "--mask-strategy", "0,1"], "reference id 1 points past the references"),
-    (["--loop", "2", "--condition-frame-length", "4"], "--condition-frame-length 4: latent frames, a positive multiple of 5"),
+    (["--loop", "2", "--condition-frame-length", "4"],
+     "--condition-frame-length 4: latent frames, a positive multiple of 5"),
     (["--loop", "2", "--condition-frame-length", "10", "--num-frames", "17"], "longer than the clip (5 latent frames)"),
     (["--prompt-path", "{tmp}/bad.txt"], "bad.txt line 2: the JSON after the prompt text does not parse"),
     (["--prompt-path", "{tmp}/badkey.txt"], "badkey.txt line 1: unknown key 'reference'"),
@@ -112,7 +115,8 @@ def test_bad_mode_input_is_one_clear_message(tmp_path, capsys, args, message):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (tmp_path / "bad.txt").write_text('a red circle\na blue square.{"reference_path": x.png}\n')
     (tmp_path / "badkey.txt").write_text('a red circle.{"reference": "x.png"}\n')
-    (tmp_path / "refs.txt").write_text(f'a red circle.{{"reference_path": "{tmp_path}/gone.png", "mask_strategy": "0"}}\n')
+    (tmp_path / "refs.txt").write_text(
+        f'a red circle.{{"reference_path": "{tmp_path}/gone.png", "mask_strategy": "0"}}\n')
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if "--prompt-path" not in args:
         args = ["--prompt", PROMPT] + args

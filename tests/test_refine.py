@@ -45,7 +45,8 @@ def build_tiny_llm(folder: Path) -> Path:
                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=len(vocab),
                   tie_word_embeddings=True, eos_token_id=vocab["</s>"], bos_token_id=vocab["<s>"])
     mx.random.seed(3)
-    model = llama.Model(llama.ModelArgs(**{k: v for k, v in config.items() if k not in ("eos_token_id", "bos_token_id")}))
+    args = {k: v for k, v in config.items() if k not in ("eos_token_id", "bos_token_id")}
+    model = llama.Model(llama.ModelArgs(**args))
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (folder / "config.json").write_text(json.dumps(config))
     return folder

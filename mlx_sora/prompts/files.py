@@ -34,7 +34,8 @@ def load_prompt_file(path: str | Path, start: int | None = None, end: int | None
     path = Path(path)
     try:
         if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
-            raise UserError(f"--prompt-path {path}: larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB; is it a prompt file?")
+            raise UserError(f"--prompt-path {path}: larger than {MAX_PROMPT_FILE_BYTES >> 20} MiB; "
+                            "is it a prompt file?")
         raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"--prompt-path: {describe_os_error(e, 'read')}") from None
@@ -42,14 +43,16 @@ def load_prompt_file(path: str | Path, start: int | None = None, end: int | None
         lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"--prompt-path {path} line {line}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        raise UserError(f"--prompt-path {path} line {line}: not UTF-8 text (byte {e.start}); "
+                        "save the file as UTF-8") from None
     for name, value in (("--start-index", start), ("--end-index", end)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise UserError(f"{name} must be an integer >= 0, got {value!r}")
     first = start or 0
     chosen = [PromptLine(i, i + 1, line.strip(), f"{path} line {i + 1}") for i, line in enumerate(lines)][first:end]
     if not chosen:
-        raise UserError(f"--prompt-path {path}: no prompt in lines {first + 1}..{end if end is not None else len(lines)} "
+        last = end if end is not None else len(lines)
+        raise UserError(f"--prompt-path {path}: no prompt in lines {first + 1}..{last} "
                         f"(the file has {len(lines)} lines)")
     for p in chosen:
         if not p.text:
