@@ -127,3 +127,19 @@ def test_bad_mode_input_is_one_clear_message(tmp_path, capsys, args, message):
     assert message.replace("{tmp}", str(tmp_path)) in err, err
     assert err.startswith("error: ") and "Traceback" not in err
     assert not out.exists()
+
+
+def test_refine_prompt_runs_as_its_own_phase_before_text_encoding(tmp_path, capsys):
+    from test_refine import build_tiny_llm
+
+    llm = build_tiny_llm(tmp_path / "llm")
+    out = tmp_path / "refined.mp4"
+    code = generate.main(["--prompt", PROMPT, "--refine-prompt", str(llm), "--steps", "2", "--seed", "4",
+                          "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.exists()
+    assert f"refined prompt: {PROMPT!r}" in printed
+    assert "prompt refinement: budget" in printed  # its plan, printed before it loads
+    lines = [line.split()[0:2] for line in printed.splitlines()]
+    phases = [" ".join(p) for p in lines if p and p[0] in ("prompt", "text", "denoising", "decoding")]
+    assert phases.index("prompt refinement") < phases.index("text encoding")
