@@ -7,7 +7,7 @@ loaded, run on every prompt and released before the text encoder starts. Determi
 (the sampler draws from MLX's global generator, seeded before each prompt).
 
 Default model: ``mlx-community/Qwen2.5-1.5B-Instruct-4bit`` (Qwen2.5-1.5B-Instruct converted and
-4-bit quantized by mlx-lm; about 0.9 GB), downloaded from the Hugging Face hub on first use like the
+4-bit quantized by mlx-lm), downloaded from the Hugging Face hub on first use like the
 video models; any mlx-lm model folder or hub id works (``--refine-prompt MODEL``).
 """
 
