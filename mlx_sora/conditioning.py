@@ -441,6 +441,9 @@ def _check_strategy(s: MaskStrategy, name: str, lengths: list[int], latent_frame
     if s.loop >= loops:
         raise UserError(f"{text}: loop id {s.loop} never runs (--loop {loops}: loops 0..{loops - 1})")
     available = len(lengths) + s.loop  # loop i also sees the clips of loops 0..i-1
+    if not available:
+        raise UserError(f"{text}: there is no reference to use; give one with --reference-path (or in the prompt's "
+                        'JSON: {"reference_path": "..."})')
     if s.reference >= available:
         have = f"{len(lengths)} reference(s)" + (f" and {s.loop} generated clip(s)" if s.loop else "")
         raise UserError(f"{text}: reference id {s.reference} points past the references (there are {have}, "

@@ -130,6 +130,8 @@ def test_check_conditioning_reads_and_checks_before_any_model(tmp_path):
         check_conditioning([[image]], [parse_mask_strategy("0,0,1")], (24, 32), 5, _latent_frames)
     with pytest.raises(UserError, match="target start -6 points past the video"):
         check_conditioning([[image]], [parse_mask_strategy("0,0,0,-6")], (24, 32), 5, _latent_frames)
+    with pytest.raises(UserError, match="there is no reference to use; give one with --reference-path"):
+        check_conditioning([[]], [parse_mask_strategy("0")], (24, 32), 5, _latent_frames)
     with pytest.raises(UserError, match="loop id 1 never runs"):
         check_conditioning([[image]], [parse_mask_strategy("1")], (24, 32), 5, _latent_frames)
     with pytest.raises(UserError, match="condition-frame-length 3"):
