@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from . import aspect
+from . import generate_modes as modes
 from .conversion.registry import GenerationDefaults
 from .errors import UserError
 from .request import GenerationRequest
@@ -31,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate a video from text with Open-Sora 1.2 on MLX (LPL, TDTM and CI-DL built in). "
         "Without --model, the small demo model shipped with the package is used (no download).",
     )
-    p.add_argument("--prompt", nargs="+", required=True, help="one or more prompts (one video each)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", nargs="+", help="one or more prompts (one video each)")
+    source.add_argument("--prompt-path", default=None,
+                        help="a file of prompts, one per line (embedded JSON references and '|0|...' loop prompts "
+                             "allowed); videos named as Open-Sora's (see --save-dir)")
     p.add_argument("--model", default=None,
                    help="'demo' (default: built in, offline), 'opensora-v1.2' (the real weights, converted "
                         "once from Hugging Face into weights/), or a folder of converted weights")
@@ -77,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, plan or summary")
+    modes.add_mode_arguments(p)
     return p
 
 
@@ -122,13 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     from .io.video import check_writable
 
     try:
-        # every check that needs no model runs before any heavy work
+        # every check that needs no model runs before any heavy work (references are read here)
         options = _request_options(args)
-        GenerationRequest.build(args.prompt, GenerationDefaults(), **options)
+        options.update(modes.mode_options(args))
+        batches = modes.prompt_batches(args)
+        first = batches[0][0].index
+        for batch in batches:
+            GenerationRequest.build([p.text for p in batch], GenerationDefaults(),
+                                    prompt_names=[p.where for p in batch], **modes.batch_options(options, batch, first))
         profile = get_profile(args.device_profile) if args.device_profile else None
         budget_text = args.memory_budget or (profile.memory_budget if profile else "auto")
         budget = "auto" if budget_text == "auto" else parse_memory_size(budget_text)
-        paths = output_paths(args.output, len(args.prompt), list(args.seed))
+        if args.save_fps is not None and not 1 <= args.save_fps <= 240:
+            raise UserError(f"--save-fps must be between 1 and 240, got {args.save_fps}")
+        paths = modes.video_paths(args, batches, output_paths)
         for path in paths.values():
             check_writable(path)
     except (UserError, ValueError) as e:
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ensure_fast_cpu_blas(args.quiet)
     if args.coreml:
-        return _run_coreml(args, options, paths)
+        return _run_coreml(args, options, paths, batches)
 
     from .conversion.registry import resolve_model
     from .io.video import write_mp4
@@ -146,39 +159,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bundle = resolve_model(args.model, prefer_quantized=bool(profile and profile.prefer_quantized))
         pipe = Pipeline(bundle, dtype=args.dtype, memory_budget=budget, overlap=not args.no_overlap)
-        request = GenerationRequest.build(args.prompt, bundle.defaults, model_name=f"the {bundle.name} model",
-                                          **options)
-        for message in request.warnings:
-            print(f"note: {message}", file=sys.stderr)
         if not args.quiet:
             print(f"model {bundle.name}: " + ", ".join(f"{k} {v}" for k, v in bundle.components.items()))
-            for phase in pipe.plan(request):
-                print(phase.plan.summary())
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            results = pipe.run(request, progress=not args.quiet)
-        for result in results:
-            for index, frames in enumerate(result.videos):
-                path = write_mp4(paths[(index, result.seed)], frames, fps=request.fps)
-                if not args.quiet:
-                    print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
-                          f"{request.fps} fps, seed {result.seed})")
-            if not args.quiet:
-                print(result.summary())
     except (UserError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    failed = 0
+    for number, batch in enumerate(batches):
+        try:  # a failing batch is reported and skipped: the videos already written stay
+            modes.run_batch(args, pipe, bundle, batch, modes.batch_options(options, batch, first), paths, write_mp4,
+                            show_plans=number == 0)
+        except (UserError, OSError, FloatingPointError) as e:
+            failed += 1
+            names = ", ".join(p.where for p in batch) if len(batches) > 1 else ""
+            print(f"error: {names + ': ' if names else ''}{e}", file=sys.stderr)
+    if failed and len(batches) > 1:
+        print(f"error: {failed} of {len(batches)} batches failed; the other videos were written", file=sys.stderr)
+    return 1 if failed else 0
 
 
-def _run_coreml(args: argparse.Namespace, options: dict, paths: dict) -> int:
-    """The same generation from a Core ML export (``--coreml DIR``)."""
+def _run_coreml(args: argparse.Namespace, options: dict, paths: dict, batches: list) -> int:
+    """The same generation from a Core ML export (``--coreml DIR``): text to video, prompts from
+    --prompt or --prompt-path."""
     from .coreml.pipeline import CoreMLPipeline
     from .io.video import write_mp4
 
     try:
         if args.model or args.dtype:
             raise UserError("--coreml runs the exported units; --model and --dtype do not apply (the export fixed them)")
+        used = [f"--{k.replace('_', '-')}" for k in ("reference_path", "mask_strategy", "refine_prompt")
+                if getattr(args, k) is not None] + (["--loop"] if args.loop != 1 else [])
+        embedded = [p.where for batch in batches for p in batch if p.text.rstrip().endswith("}") or "|0|" in p.text]
+        if used or embedded:
+            what = ", ".join(used) if used else f"references or loops in the prompt ({embedded[0]})"
+            raise UserError(f"--coreml runs text to video; {what} need the VAE encoder or the LLM, which are not "
+                            "exported: run them with the MLX model (--model)")
+        for key in ("references", "mask_strategy", "loop", "condition_frame_length", "condition_frame_edit", "align"):
+            options.pop(key, None)
+        prompts = [p for batch in batches for p in batch]  # the export runs one prompt per call: batches add nothing
         if args.memory_budget not in (None, "none"):
             raise UserError("--memory-budget with --coreml: leave it out (the export's CI-DL plan) or 'none' (every "
                             "unit resident); budgets are planned at export time (export_coreml --memory-budget)")
@@ -186,7 +204,7 @@ def _run_coreml(args: argparse.Namespace, options: dict, paths: dict) -> int:
             options["tdtm_steps"] = None  # the export's setting
         pipe = CoreMLPipeline(args.coreml, compute_units=args.compute_units, overlap=not args.no_overlap,
                               memory_budget=None if args.memory_budget == "none" else "plan")
-        request = pipe.request(args.prompt, **options)
+        request = pipe.request([p.text for p in prompts], **options)
         if not args.quiet:
             print(f"model {pipe.name}")
             if pipe.backend.name == "replay":
@@ -194,12 +212,13 @@ def _run_coreml(args: argparse.Namespace, options: dict, paths: dict) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             results = pipe.run(request, progress=not args.quiet)
+        fps = args.save_fps or request.fps
         for result in results:
-            for index, frames in enumerate(result.videos):
-                path = write_mp4(paths[(index, result.seed)], frames, fps=request.fps)
+            for prompt, frames in zip(prompts, result.videos):
+                path = write_mp4(paths[(prompt.index, result.seed)], frames, fps=fps)
                 if not args.quiet:
                     print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
-                          f"{request.fps} fps, seed {result.seed})")
+                          f"{fps} fps, seed {result.seed})")
             if not args.quiet:
                 print(result.summary())
     except (UserError, OSError, FloatingPointError) as e:

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -45,6 +45,9 @@ from .runtime.streaming import (
 )
 from .sampling import IMG_FPS, SamplingReport, iterate_sampling, sampling_timesteps
 
+if TYPE_CHECKING:
+    from .prompts.refine import RefinerSettings
+
 
 def default_compute_dtype() -> mx.Dtype:
     """float32 on CPU (MLX's CPU bf16 matmul is slow), bfloat16 on a GPU."""
@@ -67,6 +70,12 @@ class GenerationResult:
     plans: list[PhasePlan] = field(default_factory=list)
     memory_budget: int | None = None
     warnings: list[str] = field(default_factory=list)
+    refined_prompts: list[str] = field(default_factory=list)
+    """--refine-prompt: the prompts as the LLM rewrote them (before cleaning and score suffixes)."""
+    loops: int = 1
+    """Reference conditioning: clips made one after the other, each extending the previous one."""
+    loop_videos: list[list[np.ndarray]] = field(default_factory=list)
+    """With loops: every loop's whole clip per prompt ([loop][prompt] uint8 [T, H, W, 3]), overlap included."""
 
     @property
     def max_rss(self) -> int:
@@ -228,15 +237,44 @@ class Pipeline:
         Options (None = the model's default): ``resolution``/``aspect_ratio`` (Open-Sora buckets) or
         ``image_size=(height, width)``, ``num_frames`` (int or "2s"...), ``fps``, ``steps``,
         ``cfg_scale``, ``seed`` (int or list), ``aes``, ``flow``, ``camera_motion``, ``lpl`` (step or
-        "dynamic"), ``tdtm_steps``, ``discrete_timesteps``.
+        "dynamic"), ``tdtm_steps``, ``discrete_timesteps``, ``refine_prompt`` (True or an mlx-lm model:
+        rewrite the prompts with a local LLM first).
+
+        Reference conditioning (Open-Sora 1.2's modes): ``references`` (paths, ';'-joined paths or
+        uint8 frames; one entry per prompt, or a list for a single prompt), ``mask_strategy``
+        ("loop,reference,reference_start,target_start,length,edit_ratio;..."), ``loop`` with
+        ``condition_frame_length`` (latent frames, a multiple of 5) and ``condition_frame_edit``,
+        ``align``. See ``conditioning.py``.
         """
         seed = options.get("seed", 42)
+        options.setdefault("latent_frames", self._skeletons["vae"].latent_frames)  # reference conditioning
+        refine = options.pop("refine_prompt", None)
         request = GenerationRequest.build(prompt, self.defaults, model_name=f"the {self.bundle.name} model",
                                           **options)
+        refinement = None
+        if refine:  # a phase of its own before text encoding; the request is rebuilt from its prompts
+            refinement = self.refine_prompts(list(request.prompts), seed if isinstance(seed, int) else seed[0], refine)
+            request = GenerationRequest.build(refinement[0], self.defaults,
+                                              model_name=f"the {self.bundle.name} model", **options)
         for message in request.warnings:
             warnings.warn(message, stacklevel=2)
         results = self.run(request, progress)
+        if refinement is not None:
+            for result in results:
+                result.phases.insert(0, refinement[1])
+                result.plans.insert(0, refinement[2])
+                result.refined_prompts = list(refinement[0])
         return results if not isinstance(seed, int) else results[0]
+
+    def refine_prompts(self, prompts: Sequence[str], seed: int, refine: "str | bool | RefinerSettings" = True,
+                       on_refined=None, on_plan=None) -> tuple[list[str], PhaseReport, PhasePlan]:
+        """--refine-prompt: rewrite prompts with a local mlx-lm model (``prompts/refine.py``), planned
+        within the memory budget and released before text encoding; (prompts, report, plan)."""
+        from .prompts.refine import DEFAULT_REFINER, RefinerSettings, refine_prompts
+
+        settings = refine if isinstance(refine, RefinerSettings) else RefinerSettings(
+            model=refine if isinstance(refine, str) else DEFAULT_REFINER)
+        return refine_prompts(prompts, seed, self.memory_budget, settings, on_refined, on_plan)
 
     def run(self, request: GenerationRequest, progress: bool = False) -> list[GenerationResult]:
         """Run a validated request: plan every phase first, then text encoding, denoising of every
@@ -250,6 +288,10 @@ class Pipeline:
             mx.set_cache_limit(previous_cache_limit)
 
     def _run(self, request: GenerationRequest, plans: list[PlannedPhase], progress: bool) -> list[GenerationResult]:
+        if request.conditioning is not None and request.conditioning.active:  # references / loops (issue 19)
+            from .conditioned_run import run_conditioned
+
+            return run_conditioned(self, request, plans, progress)
         text_phase, denoise_phase, decode_phase = plans
         texts = list(request.texts)
         results = [GenerationResult([], texts, s, request.fps, plans=[p.plan for p in plans],
@@ -281,11 +323,17 @@ class Pipeline:
             result.phases.append(phase)
         return results
 
-    def _denoise(self, model: nn.Module, weights: StreamingWeights | None, result: GenerationResult,
-                 y: mx.array, text_mask: mx.array, request: GenerationRequest, progress: bool) -> mx.array:
-        batch = y.shape[0]
+    def initial_noise(self, batch: int, request: GenerationRequest, seed: int) -> mx.array:
         latent_t, latent_h, latent_w = self.latent_size(request.num_frames, request.height, request.width)
-        z = mx.random.normal((batch, 4, latent_t, latent_h, latent_w), key=mx.random.key(result.seed))
+        return mx.random.normal((batch, 4, latent_t, latent_h, latent_w), key=mx.random.key(seed))
+
+    def _denoise(self, model: nn.Module, weights: StreamingWeights | None, result: GenerationResult,
+                 y: mx.array, text_mask: mx.array, request: GenerationRequest, progress: bool,
+                 z: mx.array | None = None, mask: mx.array | None = None, noise=None) -> mx.array:
+        """``z``/``mask``/``noise``: a conditioned initial latent, its frame mask and re-noising noise
+        (``conditioned_run``); by default the seed's noise, unconditioned."""
+        batch = y.shape[0]
+        z = self.initial_noise(batch, request, result.seed) if z is None else z
         result.latent_shape = tuple(z.shape)
         dtype = self.dtype
         cond = [mx.array([v] * batch, dtype=dtype) for v in (request.height, request.width, request.num_frames)]
@@ -297,13 +345,15 @@ class Pipeline:
         timesteps = sampling_timesteps(config.num_steps, batch, *cond,
                                        use_discrete_timesteps=config.use_discrete_timesteps)
 
-        def denoise(z_in: mx.array, t_in: mx.array, merge: bool) -> mx.array:
+        def denoise(z_in: mx.array, t_in: mx.array, merge: bool, x_mask: mx.array | None = None) -> mx.array:
             inputs = dict(x=z_in.astype(dtype), timestep=t_in, y=y_in, mask=text_mask, fps=fps_cond,
                           height=cond[0], width=cond[1], merge=merge)
+            if x_mask is not None:
+                inputs["x_mask"] = x_mask
             return run_units(model.units, inputs, weights, evaluate=True)
 
         bar = tqdm(total=config.num_steps, desc=f"denoising (seed {result.seed})", disable=not progress, leave=False)
-        for z, info in iterate_sampling(denoise, z, timesteps, config, result.sampling):
+        for z, info in iterate_sampling(denoise, z, timesteps, config, result.sampling, mask, noise):
             bar.update(config.num_steps - bar.n if info.leapt else 1)
         bar.close()
         if not mx.isfinite(z).all().item():
@@ -314,12 +364,16 @@ class Pipeline:
 
     def _decode(self, vae: nn.Module, weights: StreamingWeights | None, z: mx.array, frames: int,
                 progress: bool) -> list[np.ndarray]:
+        return [to_uint8_frames(v) for v in self._decode_video(vae, weights, z, frames, progress)]
+
+    def _decode_video(self, vae: nn.Module, weights: StreamingWeights | None, z: mx.array, frames: int,
+                      progress: bool) -> np.ndarray:
+        """Latents -> float32 videos [B, 3, T, H, W] as the VAE gives them (unclamped)."""
         chunks = []
         pieces = vae.decode_chunks(z.astype(self.dtype), num_frames=frames, weights=weights)
         for chunk in tqdm(pieces, desc="decoding", disable=not progress, leave=False):
             chunks.append(np.array(chunk.astype(mx.float32)))
-        video = np.concatenate(chunks, axis=2)  # [B, 3, T, H, W]
-        return [to_uint8_frames(v) for v in video]
+        return np.concatenate(chunks, axis=2)
 
 
 __all__ = ["GenerationResult", "Pipeline"]

@@ -133,6 +133,32 @@ class GenerationPlanner:
             raise failure
         return phases
 
+    # --- reference conditioning (issue 19): the VAE encoder's units, planned like the decoder's
+    def plan_encoding(self, label: str, batch: int, frames: int, height: int, width: int) -> PlannedPhase:
+        """Plan a VAE encoding of ``batch`` videos of ``frames`` frames (references, or a loop's clip):
+        the encoder units resident or streamed, the spatial encoder's micro-batch (images per call)
+        the largest that fits (raises MemoryBudgetError before any heavy work)."""
+        vae = self.skeletons["vae"]
+        budget = self.memory_budget
+        baseline = self.baseline() + RUNTIME_OVERHEAD
+        what = f" at {height}x{width}, {frames} frames"
+        chunks = -(-frames // (vae.micro_frame_size or frames))
+        failure: MemoryBudgetError | None = None
+        for micro_batch in (4, 2, 1) if budget is not None else (vae.micro_batch_size,):
+            vae.micro_batch_size = micro_batch
+            calls = -(-(batch * frames) // (micro_batch or batch * frames))
+            uses = {"spatial_encoder": calls, "temporal_encoder": chunks}
+            sizes = self.sizes("vae", vae, vae.encoder_units, uses)
+            try:
+                plan = plan_phase(label, sizes, budget, baseline, vae.encode_activation_bytes(batch, height, width),
+                                  self.overlap, what)
+            except MemoryBudgetError as e:
+                failure = e
+                continue
+            return PlannedPhase("vae", plan, micro_batch)
+        assert failure is not None
+        raise failure
+
     def _plan_denoising(self, request: GenerationRequest, latent: tuple[int, int, int], baseline: int,
                         what: str) -> PlannedPhase:
         """STDiT3's layers are built whole when the plan fits; a chunk at a time (slower by 5-10 %,

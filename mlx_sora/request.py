@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import aspect
+from .conditioning import ConditioningSpec, build_conditioning, release_latent_frames
 from .conversion.registry import GenerationDefaults
 from .errors import UserError
 from .prompts.text import prepare_prompt, split_prompt, text_preprocessing
@@ -37,6 +38,8 @@ class GenerationRequest:
     sampler: SamplerConfig
     warnings: tuple[str, ...] = ()
     """Things the user should know (e.g. a size the demo model was not trained for)."""
+    conditioning: ConditioningSpec | None = None
+    """References, mask strategies and loops (None: text-to-video)."""
 
     @classmethod
     def build(
@@ -58,6 +61,14 @@ class GenerationRequest:
         tdtm_steps: int = 0,
         discrete_timesteps: bool = False,
         model_name: str = "this model",
+        references=None,
+        mask_strategy: str | Sequence[str] | None = None,
+        loop: int = 1,
+        condition_frame_length: int = 5,
+        condition_frame_edit: float = 0.0,
+        align: int | None = None,
+        latent_frames: Callable[[int], int] = release_latent_frames,
+        prompt_names: Sequence[str] | None = None,
     ) -> "GenerationRequest":
         prompts = (prompt,) if isinstance(prompt, str) else tuple(prompt)
         if not prompts:
@@ -67,6 +78,12 @@ class GenerationRequest:
                 raise UserError("--prompt is empty: describe the video to generate")
         height, width = _size(resolution, aspect_ratio, image_size, defaults)
         frames = _frames(num_frames, defaults)
+        # --- reference conditioning (issue 19): embedded JSON leaves the prompts; references are read here
+        given = prompts
+        prompts, conditioning = build_conditioning(
+            prompts, (height, width), frames, references, mask_strategy, loop, condition_frame_length,
+            condition_frame_edit, align, latent_frames, prompt_names)
+        prompts = tuple(prompts)
         fps = defaults.fps if fps is None else fps
         _int_in("--fps", fps, 1, 240)
         steps = defaults.steps if steps is None else steps
@@ -112,7 +129,8 @@ class GenerationRequest:
         if defaults.trained_frames and frames not in defaults.trained_frames:
             trained = ", ".join(str(n) for n in defaults.trained_frames)
             warnings.append(f"{model_name} was trained on {trained} frames, not {frames}: expect poor videos")
-        return cls(prompts, tuple(texts), height, width, frames, fps, seeds, sampler, tuple(warnings))
+        warnings.extend(conditioning.notes if conditioning is not None else ())
+        return cls(given, tuple(texts), height, width, frames, fps, seeds, sampler, tuple(warnings), conditioning)
 
 
 def parse_leap(lpl: int | str | FixedLeap | DynamicLeap | None) -> FixedLeap | DynamicLeap | None:

@@ -205,8 +205,43 @@ class SamplingReport:
         return self.seconds / max(1, len(self.steps))
 
 
-# model(z_in [2B,C,T,H,W], t_in [2B], merge: bool) -> output [2B, 2C, T, H, W]
-DenoiseFn = Callable[[mx.array, mx.array, bool], mx.array]
+# model(z_in [2B,C,T,H,W], t_in [2B], merge: bool) -> output [2B, 2C, T, H, W]; with a frame mask it
+# is also given x_mask= [2B, T] bool (False: a reference frame, modulated with t = 0)
+DenoiseFn = Callable[..., mx.array]
+# step index -> standard normal noise [B, C, T, H, W] (the reference's torch.randn_like(z) at that step)
+NoiseFn = Callable[[int], mx.array]
+
+
+class _MaskedFrames:
+    """The RF sampler's mask handling (``RFLOW.sample`` in opensora/schedulers/rf/__init__.py): at
+    step i, frames with ``mask * 1000 >= t_i`` are generated (x_mask True), the others keep their
+    reference value; a frame crossing that threshold for the first time (0 < edit ratio < 1) is
+    re-noised to t_i from its current value, ``(1 - t/1000) * z + t/1000 * noise``. Frames with mask 1
+    start generated; after the Euler update the frames not generated get their value back."""
+
+    def __init__(self, mask: mx.array, num_timesteps: int, noise: NoiseFn | None):
+        self.mask_t = mask.astype(mx.float32) * num_timesteps
+        self.num_timesteps = num_timesteps
+        self.noise_added = mask == 1
+        self.noise = noise
+        self.x0: mx.array | None = None
+        self.upper: mx.array | None = None
+
+    def before_step(self, i: int, z: mx.array, t: mx.array) -> tuple[mx.array, mx.array]:
+        self.x0 = z
+        self.upper = self.mask_t >= t[:, None]
+        add_noise = self.upper & ~self.noise_added
+        if add_noise.any().item():  # the reference draws noise every step; only these frames use it
+            if self.noise is None:
+                raise ValueError("frames with an edit ratio between 0 and 1 need a noise source")
+            timepoints = (1 - t.astype(mx.float32) / self.num_timesteps)[:, None, None, None, None]
+            noised = timepoints * z + (1 - timepoints) * self.noise(i)
+            z = mx.where(add_noise[:, None, :, None, None], noised, z)
+        self.noise_added = self.upper
+        return z, self.upper
+
+    def after_step(self, z: mx.array) -> mx.array:
+        return mx.where(self.upper[:, None, :, None, None], z, self.x0)
 
 
 def iterate_sampling(
@@ -215,20 +250,33 @@ def iterate_sampling(
     timesteps: list[mx.array],
     config: SamplerConfig,
     report: SamplingReport | None = None,
+    mask: mx.array | None = None,
+    noise: NoiseFn | None = None,
 ) -> Iterator[tuple[mx.array, StepInfo]]:
     """Yield (z after the step, step info) for every model evaluation; the last z is the sample.
 
     ``z`` is the initial noise [B, C, T, H, W]; it is kept in float32 whatever the model's dtype
     (the reference's z is promoted to float32 by the first Euler update).
+
+    ``mask`` [B, T] (reference conditioning, ``conditioning.apply_mask_strategy``): per latent frame
+    1 = generate, else the edit ratio of a reference frame written into ``z``; the model is then called
+    with ``x_mask=`` and ``noise(i)`` gives the noise re-noising frames at step i (see ``_MaskedFrames``).
     """
     report = report if report is not None else SamplingReport()
     z = z.astype(mx.float32)
     channels = z.shape[1]
     dynamic = _DynamicLeapState(config.leap) if isinstance(config.leap, DynamicLeap) else None
+    masked = None if mask is None else _MaskedFrames(mask, config.num_timesteps, noise)
     for i, t in enumerate(timesteps):
         start = time.perf_counter()
         merge = i < config.tdtm_steps
-        out = denoise(mx.concatenate([z, z], axis=0), mx.concatenate([t, t], axis=0), merge)
+        # --- reference conditioning (issue 19): none of this runs without a mask
+        if masked is not None:
+            z, x_mask = masked.before_step(i, z, t)
+            out = denoise(mx.concatenate([z, z], axis=0), mx.concatenate([t, t], axis=0), merge,
+                          x_mask=mx.concatenate([x_mask, x_mask], axis=0))
+        else:
+            out = denoise(mx.concatenate([z, z], axis=0), mx.concatenate([t, t], axis=0), merge)
         pred = out[:, :channels].astype(mx.float32)
         cond, uncond = mx.split(pred, 2, axis=0)
         v = uncond + config.cfg_scale * (cond - uncond)
@@ -241,6 +289,8 @@ def iterate_sampling(
         last = i == len(timesteps) - 1
         dt = t if (leap or last) else t - timesteps[i + 1]
         z = z + v * (dt.astype(mx.float32) / config.num_timesteps)[:, None, None, None, None]
+        if masked is not None:
+            z = masked.after_step(z)
         mx.eval(z)
         info = StepInfo(i, t[0].item(), time.perf_counter() - start, merge, leap and not last, cosine)
         report.evaluations += 1
@@ -257,10 +307,12 @@ def sample(
     z: mx.array,
     timesteps: list[mx.array],
     config: SamplerConfig,
+    mask: mx.array | None = None,
+    noise: NoiseFn | None = None,
 ) -> tuple[mx.array, SamplingReport]:
     """Run the whole sampling loop; returns the final latent and the report."""
     report = SamplingReport()
-    for z, _ in iterate_sampling(denoise, z, timesteps, config, report):
+    for z, _ in iterate_sampling(denoise, z, timesteps, config, report, mask, noise):
         pass
     return z, report
 
@@ -275,6 +327,6 @@ def num_evaluations(config: SamplerConfig) -> int | None:
 
 
 __all__ = [
-    "DynamicLeap", "FixedLeap", "IMG_FPS", "SamplerConfig", "SamplingReport", "StepInfo",
+    "DynamicLeap", "FixedLeap", "IMG_FPS", "NoiseFn", "SamplerConfig", "SamplingReport", "StepInfo",
     "iterate_sampling", "num_evaluations", "sample", "sampling_timesteps", "timestep_transform",
 ]

@@ -207,3 +207,62 @@ def test_whole_latent_similarity_variant(tiny_stdit):
         if patience == 0:
             break
     assert mx.isfinite(z).all().item()
+
+
+# ---------------------------------------------------------------- reference conditioning (frame mask)
+
+
+def test_sampling_with_a_reference_matches_reference_at_every_step(tiny_stdit):
+    """RFLOW.sample with a frame mask (conditioning fixture, 10 steps): z and x_mask entering the
+    model at every step, frames re-noised once t falls to their edit ratio, the final latent."""
+    from mlx_sora.sampling import iterate_sampling
+
+    data = _load("conditioning.safetensors")
+    meta = json.loads((FIXTURES / "conditioning_meta.json").read_text())["sampler"]
+    b = 2
+    y = mx.concatenate([data["sampler.y"], tiny_stdit.null_caption(b)], axis=0)
+    text_mask = data["sampler.text_mask"].astype(mx.int32)
+    h, w = meta["image_size"]
+    cond = dict(fps=mx.array([meta["fps"]] * b, dtype=mx.float32), height=mx.array([h] * b, dtype=mx.float32),
+                width=mx.array([w] * b, dtype=mx.float32))
+    timesteps = sampling_timesteps(meta["steps"], b, cond["height"], cond["width"],
+                                   mx.array([meta["num_frames"]] * b, dtype=mx.float32))
+    seen = []
+
+    def denoise(z_in, t_in, merge, x_mask=None):
+        seen.append((z_in[:b], t_in[:b], x_mask[:b]))
+        return tiny_stdit(z_in, t_in, y, mask=text_mask, x_mask=x_mask, **cond)
+
+    config = SamplerConfig(num_steps=meta["steps"], cfg_scale=meta["cfg_scale"])
+    for z, _ in iterate_sampling(denoise, data["sampler.z_conditioned"], timesteps, config,
+                                 mask=data["sampler.mask"], noise=lambda i: data["sampler.noise"][i]):
+        pass
+    assert len(seen) == meta["steps"]
+    for i, (z_in, t_in, x_mask) in enumerate(seen):
+        np.testing.assert_array_equal(np.array(x_mask), np.array(data["sampler.x_mask"][i]), err_msg=f"step {i}")
+        assert mx.abs(t_in - data["sampler.t"][i]).max().item() <= 1e-3
+        _close(z_in, data["sampler.z_in"][i])
+    assert not np.array(data["sampler.x_mask"]).all(axis=(1, 2)).any()  # reference frames at every step
+    assert len({tuple(np.array(m).ravel()) for m in data["sampler.x_mask"]}) > 1  # frames join as t falls
+    _close(z, data["sampler.z_final"])
+    # reference frames with edit ratio 0 are never touched
+    mask = np.array(data["sampler.mask"])
+    kept = np.moveaxis(np.array(z), 2, 1)[mask == 0]
+    np.testing.assert_array_equal(kept, np.moveaxis(np.array(data["sampler.z_conditioned"]), 2, 1)[mask == 0])
+
+
+def test_an_all_ones_mask_is_the_plain_sampler(tiny_stdit):
+    """The reference always passes a mask; all ones (no strategy) must give the unconditioned sample."""
+    data = _load("rflow_sample.safetensors")
+    config = SamplerConfig(num_steps=4)
+    plain, _ = _run(tiny_stdit, data, slice(None), config)
+    b = 2
+    y = mx.concatenate([data["y"], tiny_stdit.null_caption(b)], axis=0)
+    cond = {k: data[k] for k in ("fps", "height", "width")}
+    timesteps = sampling_timesteps(4, b, cond["height"], cond["width"], data["num_frames"])
+
+    def denoise(z_in, t_in, merge, x_mask=None):
+        return tiny_stdit(z_in, t_in, y, mask=data["text_mask"], x_mask=x_mask, merge=merge, **cond)
+
+    masked, _ = sample(denoise, data["z0"], timesteps, config, mask=mx.ones((b, data["z0"].shape[2])))
+    np.testing.assert_array_equal(np.array(masked), np.array(plain))

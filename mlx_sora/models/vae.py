@@ -154,6 +154,7 @@ class OpenSoraVAE(nn.Module):
                                     *(f"temporal_decoder_up_{level}" for level in t_levels), "temporal_decoder_out"],
             spatial_decoder_units=["spatial_decoder_in", *(f"spatial_decoder_up_{i}" for i in s_levels),
                                    "spatial_decoder_out"],
+            encoder_units=["spatial_encoder", "temporal_encoder"],
         )
 
     def _denormalize(self, carry: tuple[mx.array, int]) -> tuple[mx.array, int]:
@@ -366,11 +367,27 @@ class OpenSoraVAE(nn.Module):
 
     # ------------------------------------------------------------------ encoding
 
-    def encode(self, x: mx.array, key: mx.array | None = None) -> mx.array:
+    def encode_activation_bytes(self, batch: int, height: int, width: int) -> int:
+        """Estimated peak of the encoding activations (frames of ``height`` x ``width``). The encoders
+        mirror the decoders (same widths per level, one resnet fewer), so the decoders' measured
+        per-pixel peaks with the current micro-batch are used as the bound."""
+        f = self.spatial_factor
+        tiling = self.tiling
+        self.tiling = False  # the encoder runs whole frames
+        try:
+            return self.decode_activation_bytes(batch, -(-height // f), -(-width // f))
+        finally:
+            self.tiling = tiling
+
+    def encode(self, x: mx.array, key: mx.array | None = None, weights: WeightPolicy | None = None) -> mx.array:
         """Video ``[B, 3, T, H, W]`` in [-1, 1] -> normalised latent ``[B, 4, T_lat, H/8, W/8]``.
 
         Deterministic by default: both posteriors give their mean (``.mode()``); with ``key`` they are
-        sampled (the reference samples; its fixtures replace sampling by the mean)."""
+        sampled (the reference samples; its fixtures replace sampling by the mean). ``weights``: the
+        encoder units' weight policy (CI-DL streaming; the deterministic path only)."""
+        if weights is not None and key is not None:
+            raise ValueError("OpenSoraVAE.encode: a sampled posterior (key) runs the encoders directly, without weights")
+        spatial_unit, temporal_unit = self.encoder_units
         channels = self.config.spatial_vae.in_channels
         if x.ndim != 5 or x.shape[1] != channels:
             raise ValueError(
@@ -383,8 +400,11 @@ class OpenSoraVAE(nn.Module):
         step = self.micro_batch_size or images.shape[0]
         latents = []
         for i in range(0, images.shape[0], step):
-            sub_key = None if keys[0] is None else mx.random.fold_in(keys[0], i)
-            part = self.spatial_vae.encode(images[i : i + step], key=sub_key) * self.config.spatial_scaling_factor
+            if keys[0] is None:
+                part = run_units((spatial_unit,), images[i : i + step], weights, evaluate=True)
+            else:
+                part = self.spatial_vae.encode(images[i : i + step], key=mx.random.fold_in(keys[0], i))
+            part = part * self.config.spatial_scaling_factor
             mx.eval(part)
             latents.append(part)
         x_z = mx.concatenate(latents, axis=0)
@@ -392,8 +412,10 @@ class OpenSoraVAE(nn.Module):
         chunk = self.micro_frame_size or frames
         zs = []
         for i in range(0, frames, chunk):
-            sub_key = None if keys[1] is None else mx.random.fold_in(keys[1], i)
-            part = self.temporal_vae.encode(x_z[:, i : i + chunk], key=sub_key)
+            if keys[1] is None:
+                part = run_units((temporal_unit,), x_z[:, i : i + chunk], weights, evaluate=True)
+            else:
+                part = self.temporal_vae.encode(x_z[:, i : i + chunk], key=mx.random.fold_in(keys[1], i))
             mx.eval(part)
             zs.append(part)
         z = mx.concatenate(zs, axis=1)
