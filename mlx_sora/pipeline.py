@@ -231,7 +231,7 @@ class Pipeline:
         return self._in_phase(phase, report, work)
 
     def generate(self, prompt: str | Sequence[str], progress: bool = False, **options) -> (
-            GenerationResult | list[GenerationResult]):
+            GenerationResult | list[GenerationResult] | None):
         """Generate one video per prompt (a list of results when ``seed`` is a list).
 
         Options (None = the model's default): ``resolution``/``aspect_ratio`` (Open-Sora buckets) or
@@ -245,7 +245,9 @@ class Pipeline:
         for message in request.warnings:
             warnings.warn(message, stacklevel=2)
         results = self.run(request, progress)
-        return results if not isinstance(seed, int) else results[0]
+        if isinstance(seed, int):  # across ranks (data), a rank without the seed gets None
+            return results[0] if results else None
+        return results
 
     def run(self, request: GenerationRequest, progress: bool = False) -> list[GenerationResult]:
         """Run a validated request: plan every phase first, then text encoding, denoising of every
