@@ -366,7 +366,8 @@ def write_job_videos(job: ParallelGeneration, results: Sequence["GenerationResul
             lines.append(f"wrote {name} ({request.num_frames} frames, {request.fps} fps; rank {rank})")
     if results:
         lines.append(results[0].job.summary())
-    lines.append(f"done: {sum(map(len, written))} videos written by {job.size} ranks")
+    count = sum(map(len, written))
+    lines.append(f"done: {count} video{'' if count == 1 else 's'} written by {job.size} ranks")
     print("\n".join(lines))
 
 
