@@ -20,8 +20,10 @@ from . import aspect
 from . import generate_modes as modes
 from .conversion.registry import GenerationDefaults
 from .errors import UserError
+from .parallel import PARALLEL_MODES
 from .request import GenerationRequest
 from .runtime.blas import ensure_fast_cpu_blas
+from .runtime.distributed import DEFAULT_TIMEOUT
 from .runtime.profiles import PROFILES, get_profile
 from .runtime.streaming import parse_memory_size
 
@@ -83,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, plan or summary")
     modes.add_mode_arguments(p)
+    ranks = p.add_argument_group("several Macs, one job (started by mlx.launch; see the README)")
+    ranks.add_argument("--parallel", choices=list(PARALLEL_MODES), default=None,
+                       help="data: the seeds shared out, each rank writing its videos; cfg: the two halves of the "
+                            "guidance batch on 2 ranks; sequence: STDiT3's tokens split over the ranks")
+    ranks.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT,
+                       help=f"seconds a rank waits for the others before it ends the job (default {DEFAULT_TIMEOUT:.0f})")
     return p
 
 
@@ -144,11 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         paths = modes.video_paths(args, batches, output_paths)
         for path in paths.values():
             check_writable(path)
+        if not 0 < args.rank_timeout < float("inf"):
+            raise UserError(f"--rank-timeout must be a positive number of seconds, got {args.rank_timeout}")
+        if args.parallel and (len(batches) > 1 or args.refine_prompt or options.get("references") or args.loop != 1
+                              or args.coreml):
+            raise UserError("--parallel runs one text-to-video request of the MLX model: one batch of prompts, "
+                            "without references, loops, --refine-prompt or --coreml")
     except (UserError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    ensure_fast_cpu_blas(args.quiet)
+    if args.parallel:  # issue 21: ranks sharing this machine share its cores (before the BLAS starts)
+        from .runtime.distributed import share_cpu_threads
+
+        share_cpu_threads()
+    ensure_fast_cpu_blas(args.quiet or (bool(args.parallel) and os.environ.get("MLX_RANK", "0") != "0"))
     if args.coreml:
         return _run_coreml(args, options, paths, batches)
 
@@ -157,10 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import Pipeline
 
     try:
+        ranks = None
+        if args.parallel:  # issue 21: one job across the ranks mlx.launch started (parallel.py)
+            from .parallel import join_job
+
+            ranks = join_job(args.rank_timeout)
+            if ranks.size == 1:
+                print(f"note: --parallel {args.parallel}: this process was not started among several ranks "
+                      "(mlx.launch); it runs the whole request alone", file=sys.stderr)
+            args.quiet = args.quiet or ranks.rank != 0  # rank 0 speaks for the job
         bundle = resolve_model(args.model, prefer_quantized=bool(profile and profile.prefer_quantized))
-        pipe = Pipeline(bundle, dtype=args.dtype, memory_budget=budget, overlap=not args.no_overlap)
+        pipe = Pipeline(bundle, dtype=args.dtype, memory_budget=budget, overlap=not args.no_overlap,
+                        group=ranks, parallel=args.parallel or "data", rank_timeout=args.rank_timeout)
         if not args.quiet:
             print(f"model {bundle.name}: " + ", ".join(f"{k} {v}" for k, v in bundle.components.items()))
+        if pipe.parallel is not None:
+            return _run_parallel(args, pipe, bundle, batches[0], modes.batch_options(options, batches[0], first), paths,
+                                 ranks)
     except (UserError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -176,6 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     if failed and len(batches) > 1:
         print(f"error: {failed} of {len(batches)} batches failed; the other videos were written", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _run_parallel(args: argparse.Namespace, pipe, bundle, batch: list, options: dict, paths: dict, ranks) -> int:
+    """One request across the ranks of ``--parallel`` (issue 21): every rank's videos, or none."""
+    from .parallel import write_job_videos
+
+    request = GenerationRequest.build([p.text for p in batch], bundle.defaults, model_name=f"the {bundle.name} model",
+                                      **options)
+    for message in request.warnings if ranks is None or ranks.rank == 0 else ():
+        print(f"note: {message}", file=sys.stderr)
+    if not args.quiet:
+        for message in pipe.parallel.check(pipe, request):
+            print(f"note: {message}", file=sys.stderr)
+        for phase in pipe.plan(request):
+            print(phase.plan.summary())
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        results = pipe.run(request, progress=not args.quiet)
+    by_position = {(j, seed): paths[(prompt.index, seed)] for j, prompt in enumerate(batch) for seed in args.seed}
+    write_job_videos(pipe.parallel, results, by_position, request, args.quiet)
+    return 0
 
 
 def _run_coreml(args: argparse.Namespace, options: dict, paths: dict, batches: list) -> int:

@@ -31,10 +31,12 @@ from .conversion.loading import build_model, load_model, parse_dtype
 from .conversion.registry import GenerationDefaults, ModelBundle, resolve_model
 from .io.video import to_uint8_frames
 from .models.stdit3_layers import chunked_layers
-from .models.units import run_units
+from .models.units import Unit, run_units
+from .parallel import JobReport, ParallelGeneration
 from .planning import GenerationPlanner, PlannedPhase, folder_unit_sizes
 from .prompts.tokenizer import T5Tokenizer
 from .request import GenerationRequest
+from .runtime.distributed import DEFAULT_TIMEOUT, RankGroup
 from .runtime.memory import PhaseReport, measure_phase, release_freed_cpu_memory
 from .runtime.streaming import (
     PhasePlan,
@@ -76,6 +78,8 @@ class GenerationResult:
     """Reference conditioning: clips made one after the other, each extending the previous one."""
     loop_videos: list[list[np.ndarray]] = field(default_factory=list)
     """With loops: every loop's whole clip per prompt ([loop][prompt] uint8 [T, H, W, 3]), overlap included."""
+    job: JobReport | None = None
+    """Across ranks (``group=``): what every rank did (``parallel.py``)."""
 
     @property
     def max_rss(self) -> int:
@@ -95,6 +99,8 @@ class GenerationResult:
             verdict = "within" if self.within_budget else "OVER"
             lines.append(f"process max RSS {format_bytes(self.max_rss)}: {verdict} the memory budget "
                          f"{format_bytes(self.memory_budget)}")
+        if self.job is not None:
+            lines.append(self.job.summary())
         return "\n".join(lines)
 
 
@@ -115,7 +121,14 @@ class Pipeline:
         memory_budget: str | int | None = "auto",
         overlap: bool = True,
         keep_loaded: bool = False,
+        group: mx.distributed.Group | RankGroup | None = None,
+        parallel: str = "data",
+        rank_timeout: float = DEFAULT_TIMEOUT,
     ):
+        """``group`` (``mx.distributed.init()``, on every rank of a job started by mlx.launch): run each
+        request across the ranks, ``parallel`` being "data", "cfg" or "sequence" (``parallel.py``);
+        a rank waits at most ``rank_timeout`` seconds for the others."""
+        self.parallel = ParallelGeneration.create(group, parallel, rank_timeout)
         self.bundle = model if isinstance(model, ModelBundle) else ModelBundle("custom", dict(model))
         self.components = self.bundle.components
         self.defaults: GenerationDefaults = self.bundle.defaults
@@ -142,13 +155,18 @@ class Pipeline:
         overlap: bool = True,
         keep_loaded: bool = False,
         prefer_quantized: bool = False,
+        group: mx.distributed.Group | RankGroup | None = None,
+        parallel: str = "data",
+        rank_timeout: float = DEFAULT_TIMEOUT,
     ) -> "Pipeline":
         """``model``: None / "demo" (embedded), a preset ("opensora-v1.2") or a folder of converted
         weights. ``memory_budget``: "auto" (80 % of the available memory), a size ("3.3GB",
         "800MB", bytes) or None (each phase loads its whole model). ``prefer_quantized``: use a
-        quantized text encoder where the folder has one."""
+        quantized text encoder where the folder has one. ``group`` / ``parallel`` / ``rank_timeout``:
+        across ranks (see ``__init__``)."""
         return cls(resolve_model(model, prefer_quantized), dtype=dtype, memory_budget=memory_budget,
-                   overlap=overlap, keep_loaded=keep_loaded)
+                   overlap=overlap, keep_loaded=keep_loaded, group=group, parallel=parallel,
+                   rank_timeout=rank_timeout)
 
     @staticmethod
     def from_coreml(folder: str | Path, backend: str = "auto", compute_units: str = "cpu_and_gpu",
@@ -169,7 +187,10 @@ class Pipeline:
         return self.planner.latent_size(frames, height, width)
 
     def plan(self, request: GenerationRequest) -> list[PlannedPhase]:
-        """Plan the three phases for a request (raises MemoryBudgetError before any heavy work)."""
+        """Plan the three phases for a request (raises MemoryBudgetError before any heavy work);
+        across ranks, the phases this rank runs, for its share of the work."""
+        if self.parallel is not None:
+            return self.parallel.plan(self, request)
         return self.planner.plan(request)
 
     # ------------------------------------------------------------ models, per phase
@@ -231,7 +252,7 @@ class Pipeline:
         return self._in_phase(phase, report, work)
 
     def generate(self, prompt: str | Sequence[str], progress: bool = False, **options) -> (
-            GenerationResult | list[GenerationResult]):
+            GenerationResult | list[GenerationResult] | None):
         """Generate one video per prompt (a list of results when ``seed`` is a list).
 
         Options (None = the model's default): ``resolution``/``aspect_ratio`` (Open-Sora buckets) or
@@ -264,7 +285,9 @@ class Pipeline:
                 result.phases.insert(0, refinement[1])
                 result.plans.insert(0, refinement[2])
                 result.refined_prompts = list(refinement[0])
-        return results if not isinstance(seed, int) else results[0]
+        if isinstance(seed, int):  # across ranks (data), a rank without the seed gets None
+            return results[0] if results else None
+        return results
 
     def refine_prompts(self, prompts: Sequence[str], seed: int, refine: "str | bool | RefinerSettings" = True,
                        on_refined=None, on_plan=None) -> tuple[list[str], PhaseReport, PhasePlan]:
@@ -278,7 +301,10 @@ class Pipeline:
 
     def run(self, request: GenerationRequest, progress: bool = False) -> list[GenerationResult]:
         """Run a validated request: plan every phase first, then text encoding, denoising of every
-        seed (each model loaded once for all seeds), decoding of every latent."""
+        seed (each model loaded once for all seeds), decoding of every latent. Across ranks, this
+        rank's part (``ParallelGeneration.run``)."""
+        if self.parallel is not None:
+            return self.parallel.run(self, request, progress)
         plans = self.plan(request)
         previous_cache_limit = mx.set_cache_limit(2**62)  # (reads the current limit)
         mx.set_cache_limit(previous_cache_limit)
@@ -294,9 +320,7 @@ class Pipeline:
             return run_conditioned(self, request, plans, progress)
         text_phase, denoise_phase, decode_phase = plans
         texts = list(request.texts)
-        results = [GenerationResult([], texts, s, request.fps, plans=[p.plan for p in plans],
-                                    memory_budget=self.memory_budget, warnings=list(request.warnings))
-                   for s in request.seeds]
+        results = self._results(request, plans, request.seeds)
         with measure_phase("text encoding") as phase:
             y, text_mask = self.encode_text(texts, text_phase, phase, progress)
         for result in results:
@@ -323,15 +347,24 @@ class Pipeline:
             result.phases.append(phase)
         return results
 
+    def _results(self, request: GenerationRequest, plans: list[PlannedPhase],
+                 seeds: Sequence[int]) -> list[GenerationResult]:
+        """Empty results, one per seed, that the phases fill in."""
+        return [GenerationResult([], list(request.texts), s, request.fps, plans=[p.plan for p in plans],
+                                 memory_budget=self.memory_budget, warnings=list(request.warnings)) for s in seeds]
+
     def initial_noise(self, batch: int, request: GenerationRequest, seed: int) -> mx.array:
         latent_t, latent_h, latent_w = self.latent_size(request.num_frames, request.height, request.width)
         return mx.random.normal((batch, 4, latent_t, latent_h, latent_w), key=mx.random.key(seed))
 
     def _denoise(self, model: nn.Module, weights: StreamingWeights | None, result: GenerationResult,
                  y: mx.array, text_mask: mx.array, request: GenerationRequest, progress: bool,
-                 z: mx.array | None = None, mask: mx.array | None = None, noise=None) -> mx.array:
+                 z: mx.array | None = None, mask: mx.array | None = None, noise=None,
+                 units: Sequence[Unit] | None = None) -> mx.array:
         """``z``/``mask``/``noise``: a conditioned initial latent, its frame mask and re-noising noise
-        (``conditioned_run``); by default the seed's noise, unconditioned."""
+        (``conditioned_run``); by default the seed's noise, unconditioned. ``units``: the chain that
+        evaluates the model (default its own; across ranks, the chain of this rank's share,
+        ``models/stdit3_parallel.py``)."""
         batch = y.shape[0]
         z = self.initial_noise(batch, request, result.seed) if z is None else z
         result.latent_shape = tuple(z.shape)
@@ -350,7 +383,7 @@ class Pipeline:
                           height=cond[0], width=cond[1], merge=merge)
             if x_mask is not None:
                 inputs["x_mask"] = x_mask
-            return run_units(model.units, inputs, weights, evaluate=True)
+            return run_units(units or model.units, inputs, weights, evaluate=True)
 
         bar = tqdm(total=config.num_steps, desc=f"denoising (seed {result.seed})", disable=not progress, leave=False)
         for z, info in iterate_sampling(denoise, z, timesteps, config, result.sampling, mask, noise):

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .models.stdit3_layers import CHUNK_BYTES
+from .models.stdit3_parallel import sequence_tokens
 from .models.units import Unit
 from .request import GenerationRequest
 from .runtime.memory import process_rss
@@ -36,6 +37,20 @@ RUNTIME_OVERHEAD = 160 * 2**20
 
 # (component, its model skeleton, the chain of units planned, how often each unit runs) -> sizes
 UnitSizer = Callable[[str, nn.Module, Sequence[Unit], dict[str, int]], list[UnitSize]]
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """The part of a request one rank of a job across several machines runs (``parallel.py``);
+    the default is all of it, as one process does."""
+
+    encodes_text: bool = True
+    cfg_rows: int | None = None
+    """Rows of the CFG batch its STDiT3 blocks evaluate (None: all 2 x prompts)."""
+    sequence_ranks: int = 1
+    """Ranks sharing the tokens of every block (``stdit3_parallel.sequence_units``)."""
+    denoises: bool = True
+    decodes: bool = True
 
 
 @dataclass
@@ -89,20 +104,24 @@ class GenerationPlanner:
         per_unit = uses if isinstance(uses, dict) else {u.name: uses for u in chain}
         return self.sizes(component, model, chain, per_unit)
 
-    def plan(self, request: GenerationRequest) -> list[PlannedPhase]:
-        """Plan the three phases for a request (raises MemoryBudgetError before any heavy work)."""
+    def plan(self, request: GenerationRequest, share: RankShare = RankShare()) -> list[PlannedPhase]:
+        """Plan the phases for a request (raises MemoryBudgetError before any heavy work): text
+        encoding, denoising, decoding, or those of them a rank runs (``share``)."""
         batch = len(request.texts)
         baseline = self.baseline() + RUNTIME_OVERHEAD
         budget = self.memory_budget
         what = f" at {request.height}x{request.width}, {request.num_frames} frames"
         t5, vae = self.skeletons["text_encoder"], self.skeletons["vae"]
         latent = self.latent_size(request.num_frames, request.height, request.width)
-        phases = [
-            PlannedPhase("text_encoder", plan_phase(
+        phases = []
+        if share.encodes_text:
+            phases.append(PlannedPhase("text_encoder", plan_phase(
                 "text encoding", self._unit_sizes("text_encoder"), budget, baseline,
-                t5.activation_bytes(batch, self.text_length), self.overlap, what)),
-            self._plan_denoising(request, latent, baseline, what),
-        ]
+                t5.activation_bytes(batch, self.text_length), self.overlap, what)))
+        if share.denoises:
+            phases.append(self._plan_denoising(request, latent, baseline, what, share))
+        if not share.decodes:
+            return phases
         chunks = len(vae.temporal_chunks(latent[0], request.num_frames))
         failure: MemoryBudgetError | None = None
         settings = self.vae_settings if budget is not None or self.vae_settings != VAE_SETTINGS else (
@@ -160,14 +179,24 @@ class GenerationPlanner:
         raise failure
 
     def _plan_denoising(self, request: GenerationRequest, latent: tuple[int, int, int], baseline: int,
-                        what: str) -> PlannedPhase:
+                        what: str, share: RankShare = RankShare()) -> PlannedPhase:
         """STDiT3's layers are built whole when the plan fits; a chunk at a time (slower by 5-10 %,
-        a third of the activation memory at 256x256x68) only when the budget needs it."""
+        a third of the activation memory at 256x256x68) only when the budget needs it. A rank of a
+        sequence split holds 1/R of the tokens, plus the blocks it exchanges (3x its tokens)."""
         stdit = self.skeletons["stdit3"]
         sizes = self._unit_sizes("stdit3", uses=request.sampler.num_steps)
+        rows = share.cfg_rows or 2 * len(request.texts)
+        per_sample, exchange = None, 0
+        if share.sequence_ranks > 1:
+            merges = (False, True) if request.sampler.tdtm_steps else (False,)
+            per_sample = max(sequence_tokens(stdit, latent, share.sequence_ranks, m) for m in merges)
+            exchange = 3 * rows * per_sample * stdit.config.hidden_size * stdit.compute_dtype.size
 
         def activations(chunk_bytes: int | None) -> int:
-            return stdit.activation_bytes(2 * len(request.texts), latent, self.text_length, chunk_bytes)
+            if per_sample is None:
+                return stdit.activation_bytes(rows, latent, self.text_length, chunk_bytes)
+            return stdit.activation_bytes(rows, latent, self.text_length, chunk_bytes,
+                                          tokens_per_sample=per_sample) + exchange
 
         def plan(chunk_bytes: int | None) -> PhasePlan:
             return plan_phase("denoising", sizes, self.memory_budget, baseline, activations(chunk_bytes),

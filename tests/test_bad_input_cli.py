@@ -45,6 +45,8 @@ def _no_blas_restart(monkeypatch):
         (["--memory-budget=-2GB"], "memory budget"),
         (["--tdtm-steps", "-1"], "--tdtm-steps must be between 0"),
         (["--lpl-step", "30"], "leap step 30 is past the last step"),
+        (["--parallel", "cfg", "--rank-timeout", "0"], "--rank-timeout must be a positive number of seconds"),
+        (["--rank-timeout", "inf"], "--rank-timeout must be a positive number of seconds"),
     ],
 )
 def test_generate_rejects_bad_options_before_loading(args, message, capsys, tmp_path, monkeypatch):

@@ -55,6 +55,14 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -> 
 
     On any failure (e.g. a full disk) the temporary file is removed and nothing is left at ``path``.
     """
+    path = Path(path)
+    os.replace(stage_mp4(path, frames, fps, crf), path)
+    return path
+
+
+def stage_mp4(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -> Path:
+    """Encode the mp4 of ``path`` into a hidden temporary file beside it and return that file; the
+    caller renames it to ``path`` (``os.replace``) or removes it. On any failure nothing is left."""
     import av
 
     path = check_writable(path)
@@ -81,8 +89,7 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: int, crf: int = 18) -> 
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp_name)

@@ -186,7 +186,7 @@ class STDiT3(nn.Module):
         return x, state
 
     def activation_bytes(self, batch: int, latent_size: tuple[int, int, int], caption_len: int,
-                         chunk_bytes: int | None = None) -> int:
+                         chunk_bytes: int | None = None, tokens_per_sample: int | None = None) -> int:
         """Estimated peak memory of the activations of one block unit for latents [batch, C, T, H, W],
         with its layers built whole (``chunk_bytes`` None) or a chunk at a time
         (``stdit3_layers.chunked_layers(chunk_bytes)``).
@@ -195,10 +195,12 @@ class STDiT3(nn.Module):
         [B, T, S, C]: whole, 23-31x (256x256x68: 28.5-30.1x alone, 30.9x within a streamed run), or
         the cross-attention scores when the caption is long; in 16 MiB chunks, 8.6x at 256x256x68
         (8.3x with TDTM) and 107 MiB at 192x192x17, where the estimate says 440 and 130 MiB. A chunk
-        is one sequence where a single one is larger (spatial attention at high resolution)."""
+        is one sequence where a single one is larger (spatial attention at high resolution).
+        ``tokens_per_sample``: the tokens of a sample this process holds when ranks share them
+        (``stdit3_parallel.sequence_units``; default all of them)."""
         c, itemsize = self.config, self.compute_dtype.size
         t, h, w = (-(-n // p) for n, p in zip(latent_size, c.patch_size))
-        tokens = batch * t * h * w
+        tokens = batch * (t * h * w if tokens_per_sample is None else tokens_per_sample)
         hidden = tokens * c.hidden_size * itemsize
         if chunk_bytes is None:
             return max(32 * hidden, 8 * hidden + 2 * tokens * c.num_heads * caption_len * itemsize)
