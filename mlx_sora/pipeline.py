@@ -10,7 +10,8 @@ Each phase runs one model, unit by unit, and releases it, so the peak is that of
 With a memory budget (the default: 80 % of the available memory), each phase is planned before any
 heavy work: which units stay resident and which are streamed (read before use, evicted after, the
 next one read while the current one computes), and for decoding the VAE's micro-batch and tiling.
-Every generation reports seconds, MLX peak memory and process max RSS per phase.
+Every generation reports seconds, MLX peak memory and the process's peak per phase, as its OS
+counts it (max RSS on Linux, peak physical footprint on macOS).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .models.units import run_units
 from .planning import GenerationPlanner, PlannedPhase, folder_unit_sizes
 from .prompts.tokenizer import T5Tokenizer
 from .request import GenerationRequest
-from .runtime.memory import PhaseReport, measure_phase, release_freed_cpu_memory
+from .runtime.memory import PhaseReport, measure_phase, os_memory, release_freed_cpu_memory
 from .runtime.streaming import (
     PhasePlan,
     StreamingWeights,
@@ -69,13 +70,18 @@ class GenerationResult:
     warnings: list[str] = field(default_factory=list)
 
     @property
-    def max_rss(self) -> int:
-        return max((p.max_rss for p in self.phases), default=0)
+    def process_peak(self) -> int:
+        """The process's peak memory as its OS counts it (max RSS / peak footprint)."""
+        return max((p.process_peak for p in self.phases), default=0)
+
+    @property
+    def process_peak_name(self) -> str:
+        return self.phases[0].process_peak_name if self.phases else os_memory().peak_name
 
     @property
     def within_budget(self) -> bool | None:
-        """Whether the process max RSS stayed within the memory budget (None without a budget)."""
-        return None if self.memory_budget is None else self.max_rss <= self.memory_budget
+        """Whether the process's peak stayed within the memory budget (None without a budget)."""
+        return None if self.memory_budget is None else self.process_peak <= self.memory_budget
 
     def summary(self) -> str:
         lines = [p.summary() for p in self.phases]
@@ -84,8 +90,8 @@ class GenerationResult:
         lines.append(f"model evaluations {s.evaluations}{leap}, {s.seconds_per_step:.2f} s/step")
         if self.memory_budget is not None:
             verdict = "within" if self.within_budget else "OVER"
-            lines.append(f"process max RSS {format_bytes(self.max_rss)}: {verdict} the memory budget "
-                         f"{format_bytes(self.memory_budget)}")
+            lines.append(f"process {self.process_peak_name} {format_bytes(self.process_peak)}: {verdict} the memory "
+                         f"budget {format_bytes(self.memory_budget)}")
         return "\n".join(lines)
 
 

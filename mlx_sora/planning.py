@@ -20,7 +20,7 @@ import mlx.nn as nn
 from .models.stdit3_layers import CHUNK_BYTES
 from .models.units import Unit
 from .request import GenerationRequest
-from .runtime.memory import process_rss
+from .runtime.memory import process_memory
 from .runtime.streaming import MemoryBudgetError, PhasePlan, UnitSize, format_bytes, plan_phase, unit_sizes
 
 # VAE decoding settings tried in order (fastest first) until the plan fits the budget:
@@ -29,9 +29,9 @@ VAE_SETTINGS: tuple[tuple[int | None, tuple[int, int] | None], ...] = (
     (4, None), (2, None), (1, None), (1, (32, 8)), (1, (16, 4)),
 )
 
-# Process memory a run adds beyond MLX's own allocations and what is resident at planning time:
-# worker-thread stacks and malloc arenas, compiled kernels, Python objects (measured with
-# scripts/bench_memory.py: max RSS minus MLX peak minus the planning-time RSS).
+# Process memory a run adds beyond MLX's own allocations and what the process holds at planning
+# time: worker-thread stacks and malloc arenas, compiled kernels, Python objects (measured on Linux
+# with scripts/bench_memory.py: max RSS minus MLX peak minus the planning-time RSS).
 RUNTIME_OVERHEAD = 160 * 2**20
 
 # (component, its model skeleton, the chain of units planned, how often each unit runs) -> sizes
@@ -65,10 +65,14 @@ def decoder_chain(vae: nn.Module) -> tuple[Unit, ...]:
 
 
 class GenerationPlanner:
-    """Plans requests for one model (its skeletons: ``text_encoder``, ``stdit3``, ``vae``)."""
+    """Plans requests for one model (its skeletons: ``text_encoder``, ``stdit3``, ``vae``, each with
+    its ``compute_dtype`` set: the activation estimates follow it).
+
+    ``baseline``: what the process holds now (``memory.process_memory``: the current RSS or
+    footprint, never a peak, so that a second request in one process plans as the first did)."""
 
     def __init__(self, skeletons: dict[str, nn.Module], sizes: UnitSizer, memory_budget: int | None,
-                 overlap: bool = True, baseline: Callable[[], int] = process_rss):
+                 overlap: bool = True, baseline: Callable[[], int] = process_memory):
         self.skeletons = skeletons
         self.sizes = sizes
         self.memory_budget = memory_budget

@@ -244,8 +244,9 @@ def test_eviction_returns_active_memory_to_its_baseline(medium_stdit):
 
 
 def test_freed_memory_is_given_back_only_when_reusing_it_would_not_do(stdit_folder, monkeypatch):
-    """After a streamed unit, the heap's freed memory is given back to the OS only when the next
-    unit's weights and activations, after reusing it, would still push the RSS over the budget."""
+    """After a streamed unit, the freed memory the process holds (heap, MLX's cache) is given back to
+    the OS only when the next unit's weights and activations, after reusing it, would still push the
+    process's memory (RSS / footprint) over the budget."""
     import mlx_sora.runtime.streaming as streaming
 
     model = mlx_sora.load_model(stdit_folder, lazy=True)
@@ -254,17 +255,17 @@ def test_freed_memory_is_given_back_only_when_reusing_it_would_not_do(stdit_fold
     plan = plan_phase("test", sizes, budget, baseline=0, activations=100 * MIB, overlap=False)
     weights = StreamingWeights(model, stdit_folder, plan, mx.float32)
     upcoming = plan.activations + plan.stream_buffer_bytes
-    monkeypatch.setattr(streaming, "process_rss", lambda: budget - upcoming // 2)
-    monkeypatch.setattr(streaming, "kept_free_cpu_memory", lambda: upcoming)  # all of it reusable
+    monkeypatch.setattr(streaming, "process_memory", lambda: budget - upcoming // 2)
+    monkeypatch.setattr(streaming, "reusable_memory", lambda: upcoming)  # all of it reusable
     assert not weights._memory_tight()
-    monkeypatch.setattr(streaming, "kept_free_cpu_memory", lambda: upcoming // 4)  # reuse is not enough
+    monkeypatch.setattr(streaming, "reusable_memory", lambda: upcoming // 4)  # reuse is not enough
     assert weights._memory_tight()
-    monkeypatch.setattr(streaming, "process_rss", lambda: budget - upcoming)
-    monkeypatch.setattr(streaming, "kept_free_cpu_memory", lambda: 0)
+    monkeypatch.setattr(streaming, "process_memory", lambda: budget - upcoming)
+    monkeypatch.setattr(streaming, "reusable_memory", lambda: 0)
     assert not weights._memory_tight()  # room for all of it anyway
-    # a streamed unit prefetched while the last one ran is in the RSS already: not counted again
+    # a streamed unit prefetched while the last one ran is counted in the process already: not again
     prefetched = sum(a.nbytes for a in weights._issue(plan.streamed[0]))
-    monkeypatch.setattr(streaming, "process_rss", lambda: budget - upcoming + prefetched)
+    monkeypatch.setattr(streaming, "process_memory", lambda: budget - upcoming + prefetched)
     assert not weights._memory_tight()
     weights.close()
     assert weights._memory_tight()

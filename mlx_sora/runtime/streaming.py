@@ -38,7 +38,7 @@ from ..conversion.loading import read_weight_map
 from ..errors import UserError
 from ..io.checkpoint import CheckpointError
 from ..models.units import Unit, held_dtype, unit_for_key
-from .memory import GIB, available_memory, kept_free_cpu_memory, process_rss, release_freed_cpu_memory
+from .memory import GIB, available_memory, process_memory, release_reusable_memory, reusable_memory
 
 MIB = 1024**2
 
@@ -80,7 +80,8 @@ def format_bytes(n: int | float) -> str:
 
 
 def default_memory_budget() -> int:
-    """80 % of the memory available now: a 16 GB Mac streams STDiT3 and T5 and just works."""
+    """80 % of the memory available now (``memory.available_memory``: on a Mac the host's free,
+    inactive and purgeable pages, plus what this process holds)."""
     return int(0.8 * available_memory())
 
 
@@ -381,26 +382,27 @@ class StreamingWeights:
             lazy.update(_load_file(self.folder / file, self._read_stream))
         self.model.update(tree_unflatten([(k, lazy[k]) for k in self._keys[name]]))
         if self._memory_tight():
-            release_freed_cpu_memory()  # the evicted weights' pages go back to the OS (the budget counts RSS)
+            release_reusable_memory()  # the evicted weights' pages go back to the OS (the budget counts them)
 
     def _memory_tight(self) -> bool:
-        """Whether memory the process keeps for reuse (``memory.keep_freed_cpu_memory``) could push it
-        over the budget during the next unit. Only then is it given back: ``malloc_trim`` holds the
+        """Whether memory the process keeps for reuse (``memory.reusable_memory``: the CPU heap's,
+        ``memory.keep_freed_cpu_memory``, and MLX's buffer cache on Metal) could push it over the
+        budget during the next unit. Only then is it given back: ``malloc_trim`` holds the
         allocator's lock while it returns the pages, stalling the loader, and the next unit faults
         them in again (T5-XXL text encoding, overlapped, 256x256x68: 9.9 s waiting for weights with
         a trim after every unit, 0.6 s without).
 
-        The next unit's weights and activations first reuse the free memory the heap holds (it is
-        already in the RSS); only the rest grows the process. (Counting the RSS and the next unit in
-        full trimmed after every unit at 2 GB: T5-XXL at 256x256x68 waited 21.7 s for weights, each
+        The next unit's weights and activations first reuse the free memory the process holds (it is
+        already counted in ``process_memory``); only the rest grows the process. (Counting the RSS
+        and the next unit in full trimmed after every unit at 2 GB: T5-XXL at 256x256x68 waited 21.7 s for weights, each
         unit faulting its 1.1 GB in afresh, against 3.2 s reusing the heap, max RSS 1.51 vs 1.49 GiB;
         with 3.3 GB, counting the prefetched unit twice, the text phase took 26 s instead of 21 s.)"""
         if self.plan.budget is None:
             return False
-        # a streamed unit prefetched while this one ran is in the RSS already
+        # a streamed unit prefetched while this one ran is counted in the process already
         prefetched = sum(a.nbytes for name, arrays in self._ready.items() if name in self._streamed for a in arrays)
         upcoming = self.plan.activations + max(0, self.plan.stream_buffer_bytes - prefetched)
-        return process_rss() + max(0, upcoming - kept_free_cpu_memory()) > self.plan.budget
+        return process_memory() + max(0, upcoming - reusable_memory()) > self.plan.budget
 
     def close(self) -> None:
         """Evict everything (the model keeps only unevaluated arrays)."""
