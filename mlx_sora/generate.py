@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--device-profile", default=None, choices=list(PROFILES),
                         help="a target device's settings: " + "; ".join(f"{k}: {v.description}" for k, v in PROFILES.items()))
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+                   help="compute dtype of every model (default: float32 on CPU; on a GPU bfloat16, the text encoder "
+                        "float32 as in Open-Sora 1.2). float32 on a GPU runs with TF32 off (MLX_ENABLE_TF32=0)")
+    p.add_argument("--text-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype of the T5 text encoder (overrides --dtype for it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, plan or summary")
     return p
 
@@ -136,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bundle = resolve_model(args.model, prefer_quantized=bool(profile and profile.prefer_quantized))
-        pipe = Pipeline(bundle, dtype=args.dtype, memory_budget=budget, overlap=not args.no_overlap)
+        pipe = Pipeline(bundle, dtype=args.dtype, memory_budget=budget, overlap=not args.no_overlap,
+                        text_dtype=args.text_dtype)
         request = GenerationRequest.build(args.prompt, bundle.defaults, model_name=f"the {bundle.name} model",
                                           **options)
         for message in request.warnings:
             print(f"note: {message}", file=sys.stderr)
         if not args.quiet:
             print(f"model {bundle.name}: " + ", ".join(f"{k} {v}" for k, v in bundle.components.items()))
+            print(pipe.precision)
             for phase in pipe.plan(request):
                 print(phase.plan.summary())
         with warnings.catch_warnings():

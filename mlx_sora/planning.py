@@ -50,11 +50,13 @@ class PlannedPhase:
     """STDiT3: its layers a chunk at a time (``stdit3_layers.chunked_layers``), None: whole."""
 
 
-def folder_unit_sizes(components: dict[str, Path], dtype: mx.Dtype) -> UnitSizer:
-    """Unit sizes from the weight files' headers of converted folders, held in ``dtype``."""
+def folder_unit_sizes(components: dict[str, Path], dtype: mx.Dtype | dict[str, mx.Dtype]) -> UnitSizer:
+    """Unit sizes from the weight files' headers of converted folders, held in ``dtype``: one for
+    every component, or each component's own (``{"text_encoder": mx.float32, ...}``)."""
 
     def sizes(component: str, model: nn.Module, chain: Sequence[Unit], uses: dict[str, int]) -> list[UnitSize]:
-        return unit_sizes(model, components[component], dtype, uses, chain)
+        held = dtype[component] if isinstance(dtype, dict) else dtype
+        return unit_sizes(model, components[component], held, uses, chain)
 
     return sizes
 

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
+# The suite checks float32 against the references: float32 matmuls must be float32 on GPUs with
+# matrix units too. MLX reads this once, at the process's first float32 GPU matmul (precision.py).
+os.environ["MLX_ENABLE_TF32"] = "0"
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora12"
 
