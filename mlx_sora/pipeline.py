@@ -180,8 +180,8 @@ class Pipeline:
         else:
             model = load_model(folder, dtype=dtype, lazy=True)
             weights = StreamingWeights(model, folder, phase.plan, dtype, cyclic=cyclic)
-            # MLX keeps freed buffers for reuse; only as many as the budget leaves room for
-            mx.set_cache_limit(max(0, phase.plan.budget - phase.plan.expected_peak))
+            # MLX keeps freed buffers for reuse: what the budget leaves, at least a unit's worth
+            mx.set_cache_limit(phase.plan.cache_limit())
         try:
             return work(model, weights)
         finally:

@@ -139,3 +139,40 @@ def test_upsample_conv_on_the_small_grid():
     got = upsample2x_conv3x3(x, conv.weight, conv.bias)
     assert got.shape == ref.shape
     assert float(mx.abs(got - ref).max() / mx.abs(ref).max()) < 1e-6
+
+
+class _CountingBlock:
+    """A VAE resnet block that counts how it is driven: whole (``__call__``) or step by step."""
+
+    def __init__(self, block):
+        self.block, self.whole, self.stepped = block, 0, 0
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self.whole += 1
+        return self.block(x)
+
+    def steps(self, x: mx.array):
+        self.stepped += 1
+        yield from self.block.steps(x)
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_one_part_runs_whole_layers_and_several_parts_step_by_step(monkeypatch, fast):
+    """One stream (a GPU, the fast path off, one core): the layer is one evaluation; the same numbers
+    as step by step. Several parts on the CPU: step by step, all parts' steps together."""
+    from mlx_sora.models.vae_spatial import ResnetBlock2D
+
+    monkeypatch.setenv("MLX_SORA_FAST_OPS", fast)
+    mx.random.seed(6)
+    block = ResnetBlock2D(32, 48, 8)
+    x = mx.random.normal((2, 12, 10, 32))
+    stepped = list(block.steps(x))[-1]
+    mx.eval(stepped)
+    layer = _CountingBlock(block)
+    (whole,) = fast_ops.CpuParallel(1).run(layer, [x])
+    assert (layer.whole, layer.stepped) == (1, 0)
+    assert mx.array_equal(whole, stepped)
+    if fast == "1":
+        parts = fast_ops.CpuParallel(2).run(layer, [x[:1], x[1:]])
+        assert (layer.whole, layer.stepped) == (1, 2)
+        assert mx.array_equal(mx.concatenate(parts), stepped)

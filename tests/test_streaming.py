@@ -89,6 +89,17 @@ def test_plan_turns_overlap_off_then_refuses_naming_the_minimum():
     assert "at least 250 MiB" in message and "denoising at 64x64" in message and "block_0" in message
 
 
+def test_cache_limit_keeps_a_floor_of_the_largest_unit_and_the_activations():
+    """MLX's buffer cache limit for a phase: what the budget leaves beyond the expected peak, but never
+    less than the largest unit + the activations (with ~0, Metal would allocate every buffer afresh)."""
+    sizes = [UnitSize(f"block_{i}", 100 * MIB, 50 * MIB, uses=30) for i in range(6)]
+    tight = plan_phase("denoising", sizes, 700 * MIB, baseline=100 * MIB, activations=50 * MIB)
+    assert tight.largest_unit == 100 * MIB and 0 <= tight.budget - tight.expected_peak < 150 * MIB
+    assert tight.cache_limit() == 150 * MIB
+    roomy = plan_phase("denoising", sizes, 4000 * MIB, baseline=100 * MIB, activations=50 * MIB)
+    assert roomy.cache_limit() == roomy.budget - roomy.expected_peak > 150 * MIB
+
+
 # ---------------------------------------------------------------- streamed == resident, bit for bit
 
 
@@ -188,11 +199,15 @@ def test_streamed_vae_decode_equals_resident(vae_folder):
     np.testing.assert_array_equal(np.array(out), expected)
 
 
-def test_pipeline_with_tight_budget_equals_no_budget(tiny_model_folder):
+def test_pipeline_with_tight_budget_equals_no_budget(tiny_model_folder, monkeypatch):
     kw = dict(resolution="144p", aspect_ratio="1:1", num_frames=17, steps=3, seed=1, tdtm_steps=2)
     free = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget=None).generate("a cat", **kw)
     tight = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget="64GB")
+    limits = []
+    set_cache_limit = mx.set_cache_limit
+    monkeypatch.setattr(mx, "set_cache_limit", lambda limit: limits.append(limit) or set_cache_limit(limit))
     result = tight.generate("a cat", **kw)
+    assert [p.cache_limit() for p in result.plans] == limits[2:5]  # (after the run's own save and restore)
     np.testing.assert_array_equal(np.array(result.latent), np.array(free.latent))
     np.testing.assert_array_equal(result.videos[0], free.videos[0])
     assert result.within_budget and result.phases[0].loads > 0
@@ -338,6 +353,36 @@ def test_cli_too_small_budget_is_one_clear_line(tiny_model_folder, tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: memory budget 'lots' is not a size; write e.g. 3.3GB, 800MB, 2GiB or none")
+
+
+def _threads() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    except OSError:
+        return None
+
+
+def _new_stream_index() -> int:
+    return int(repr(mx.new_stream(mx.cpu)).rsplit(",", 1)[1].rstrip(") "))  # "Stream(Device(cpu, 0), 7)"
+
+
+def test_fifty_streamers_add_no_streams_or_threads(stdit_folder):
+    """The loader's streams are made once per process (MLX never frees a stream, and each CPU stream
+    has a thread of its own): 50 more streamers, each loading a unit, add none."""
+    def one_streamer() -> None:
+        model, weights = streamed(stdit_folder)
+        weights.materialize(model.units[0].name)
+        weights.close()
+
+    one_streamer()
+    probe = _new_stream_index()
+    threads = _threads()
+    for _ in range(50):
+        one_streamer()
+    assert _new_stream_index() == probe + 1  # only the second probe was made
+    if threads is not None:
+        assert _threads() == threads
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])

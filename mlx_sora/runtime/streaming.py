@@ -144,11 +144,22 @@ class PhasePlan:
     stream_buffer_bytes: int = 0
     """Streamed weights held at once: the running unit (+ the next one, loading, with overlap; or a
     resident unit as read, loading on the first pass)."""
+    largest_unit: int = 0
+    """The largest unit's weights as held (bytes)."""
     notes: list[str] = field(default_factory=list)
 
     @property
     def expected_peak(self) -> int:
         return self.baseline + self.activations + self.resident_bytes + self.stream_buffer_bytes
+
+    def cache_limit(self) -> int:
+        """MLX's buffer cache limit for the phase: what the budget leaves beyond the expected peak, but
+        at least the largest unit + the activations. Why the floor: the cache is where a unit's freed
+        weights and activations wait for the next unit's, which have the same shapes; with ~0 left (a
+        tight plan, the iPhone profile) Metal would allocate every buffer afresh. It does not raise
+        the peak: the plan already counts that memory as in use, and the next unit takes it back."""
+        assert self.budget is not None
+        return max(self.budget - self.expected_peak, self.largest_unit + self.activations)
 
     def summary(self) -> str:
         budget = "none (whole model resident)" if self.budget is None else format_bytes(self.budget)
@@ -207,9 +218,11 @@ def plan_phase(
     even streaming every unit one at a time does not fit.
     """
     names = tuple(s.name for s in sizes)
+    largest_unit = max((s.bytes for s in sizes), default=0)
     if budget is None:
         total = sum(s.bytes for s in sizes)
-        return PhasePlan(phase, None, baseline, activations, names, (), False, resident_bytes=total)
+        return PhasePlan(phase, None, baseline, activations, names, (), False, resident_bytes=total,
+                         largest_unit=largest_unit)
 
     def transient(s: UnitSize) -> int:
         """The unit's weights as read, held while they are cast (none when read as held)."""
@@ -253,7 +266,7 @@ def plan_phase(
         phase, budget, baseline, activations,
         tuple(s.name for s in sizes if s in resident), tuple(s.name for s in streamed), use_overlap,
         resident_bytes=sum(s.bytes for s in resident), stream_buffer_bytes=buffer(streamed, resident, use_overlap),
-        notes=notes,
+        largest_unit=largest_unit, notes=notes,
     )
 
 
@@ -273,6 +286,20 @@ class LoadStats:
     def waited(self) -> float:
         """Seconds the chain waited for weights (load time not hidden behind compute)."""
         return sum(self.waited_by_unit.values())
+
+
+_LOADER_STREAMS: dict[mx.DeviceType, tuple[mx.ThreadLocalStream, mx.ThreadLocalStream]] = {}
+
+
+def loader_streams(device: mx.Device) -> tuple[mx.ThreadLocalStream, mx.ThreadLocalStream]:
+    """The streams weights are read on (CPU) and cast on (the compute device), made once per process
+    (MLX never frees a stream, and each CPU stream has its own thread); thread-local, as an MLX stream
+    may only be used on the thread that made it."""
+    if device.type not in _LOADER_STREAMS:
+        read = mx.new_thread_local_stream(mx.cpu)
+        cast = read if device.type == mx.cpu else mx.new_thread_local_stream(device)
+        _LOADER_STREAMS[device.type] = (read, cast)
+    return _LOADER_STREAMS[device.type]
 
 
 class StreamingWeights:
@@ -302,9 +329,7 @@ class StreamingWeights:
         self._streamed = set(plan.streamed)
         self._ready: dict[str, list[mx.array]] = {}  # unit -> arrays being or already materialized
         self._order: list[str] = []  # streamed units in the order they ran (learnt on the first pass)
-        device = mx.default_device()
-        self._read_stream = mx.new_stream(mx.cpu)
-        self._cast_stream = self._read_stream if device == mx.cpu else mx.new_stream(device)
+        self._read_stream, self._cast_stream = loader_streams(mx.default_device())
 
     # ------------------------------------------------------------ materializing
 
