@@ -102,3 +102,17 @@ def memory_cap():
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def cpu_fast_path(monkeypatch):
+    """For tests of the CPU kernels (fast_ops, conv, winograd, the CPU quantized path): run them on the
+    CPU device with the fast path on, whatever the default device (a Mac's GPU) or MLX_SORA_FAST_OPS
+    say; elsewhere those kernels do not run and their bounds (e.g. 2e-7 against float64) do not hold."""
+    monkeypatch.setenv("MLX_SORA_FAST_OPS", "1")
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        yield
+    finally:
+        mx.set_default_device(device)

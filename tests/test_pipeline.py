@@ -15,6 +15,7 @@ def pipe(tiny_model_folder):
     return Pipeline.from_pretrained(tiny_model_folder, dtype="float32")
 
 
+@pytest.mark.gpu
 def test_generate_video_and_report(pipe):
     result = pipe.generate("a red panda eating bamboo", resolution="144p", aspect_ratio="4:3",
                            num_frames=17, steps=3, seed=1)
@@ -102,6 +103,7 @@ def _plan_signature(plans) -> list[tuple]:
             for p in plans]
 
 
+@pytest.mark.gpu
 def test_a_second_generate_plans_as_the_first(tiny_model_folder):
     """Planning starts from what the process holds now, not from its peak (on macOS the old code
     planned from ru_maxrss, the previous run's peak): after a run, and after 512 MiB were held and

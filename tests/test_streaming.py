@@ -124,6 +124,7 @@ def _stdit_inputs(merge: bool) -> dict:
                 fps=io["plain.fps"], height=io["plain.height"], width=io["plain.width"], merge=merge)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("merge", [False, True], ids=["plain", "tdtm"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
 def test_streamed_stdit3_equals_resident(stdit_folder, merge, overlap):
@@ -136,6 +137,7 @@ def test_streamed_stdit3_equals_resident(stdit_folder, merge, overlap):
     assert weights.stats.loads == 2 * len(model.units) + overlap  # + the next pass's first unit, prefetched
 
 
+@pytest.mark.gpu
 def test_resident_units_load_one_ahead_on_the_first_pass(stdit_folder):
     """Resident units are not all loaded before the phase computes: each loads while the one before
     it runs (the first pass), then stays; the numbers are the resident ones."""
@@ -155,6 +157,7 @@ def test_resident_units_load_one_ahead_on_the_first_pass(stdit_folder):
     assert set(weights.stats.waited_by_unit) == set(plan.resident)
 
 
+@pytest.mark.gpu
 def test_streamed_t5_equals_resident(t5_folder):
     ids = np.array([[5, 6, 7, 1, 0, 0], [8, 9, 1, 0, 0, 0]])
     mask = (ids > 0).astype(np.int64)
@@ -165,6 +168,7 @@ def test_streamed_t5_equals_resident(t5_folder):
     np.testing.assert_array_equal(np.array(out), expected)
 
 
+@pytest.mark.gpu
 def test_bfloat16_embedding_table_is_held_as_stored_and_gives_the_same_numbers(t5_folder, tmp_path):
     """A bfloat16 T5 computed in float32 keeps its token embedding bfloat16 (the looked-up rows are
     cast): half the bytes to load, the same output as casting the whole table first."""
@@ -187,6 +191,7 @@ def test_bfloat16_embedding_table_is_held_as_stored_and_gives_the_same_numbers(t
     assert embed.bytes == embed.read_bytes  # what the plan counts is what is held
 
 
+@pytest.mark.gpu
 def test_streamed_vae_decode_equals_resident(vae_folder):
     z = mx.random.normal((1, 4, 5, 6, 8), key=mx.random.key(3))
     resident = mlx_sora.load_model(vae_folder)
@@ -199,6 +204,7 @@ def test_streamed_vae_decode_equals_resident(vae_folder):
     np.testing.assert_array_equal(np.array(out), expected)
 
 
+@pytest.mark.gpu
 def test_pipeline_with_tight_budget_equals_no_budget(tiny_model_folder, monkeypatch):
     kw = dict(resolution="144p", aspect_ratio="1:1", num_frames=17, steps=3, seed=1, tdtm_steps=2)
     free = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget=None).generate("a cat", **kw)
@@ -238,6 +244,7 @@ def _medium_inputs() -> dict:
                 height=mx.array([64.0]), width=mx.array([64.0]))
 
 
+@pytest.mark.gpu
 def test_eviction_returns_active_memory_to_its_baseline(medium_stdit):
     model, weights = streamed(medium_stdit, overlap=False)
     inputs = _medium_inputs()
@@ -286,6 +293,7 @@ def test_freed_memory_is_given_back_only_when_reusing_it_would_not_do(stdit_fold
     assert weights._memory_tight()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("overlap", [False, True])
 def test_peak_stays_within_the_plan(medium_stdit, overlap):
     model = mlx_sora.load_model(medium_stdit, lazy=True)
