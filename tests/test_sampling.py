@@ -90,6 +90,7 @@ def _close(got: mx.array, ref: mx.array, rel: float = 1e-3) -> float:
 
 
 @pytest.mark.gpu
+@pytest.mark.sampling
 def test_full_30_step_sample_matches_reference(tiny_stdit):
     data = _load("rflow_sample.safetensors")
     z, report = _run(tiny_stdit, data, slice(None), SamplerConfig())
@@ -98,6 +99,7 @@ def test_full_30_step_sample_matches_reference(tiny_stdit):
 
 
 @pytest.mark.gpu
+@pytest.mark.sampling
 def test_intermediate_states_match_reference(tiny_stdit):
     data = _load("rflow_sample.safetensors")
     states = {}
@@ -127,6 +129,7 @@ def test_intermediate_states_match_reference(tiny_stdit):
 
 
 @pytest.mark.gpu
+@pytest.mark.sampling
 def test_bf16_sample_within_documented_tolerance(tmp_path):
     from mlx_sora import convert, load_model
 
@@ -149,6 +152,7 @@ LPL_RUNS = {
 
 
 @pytest.mark.gpu
+@pytest.mark.sampling
 @pytest.mark.parametrize("run", list(LPL_RUNS))
 def test_lpl_matches_on_device_sora(tiny_stdit, run):
     data = _load("rflow_sample.safetensors")
@@ -168,6 +172,7 @@ def test_lpl_matches_on_device_sora(tiny_stdit, run):
 
 
 @pytest.mark.gpu
+@pytest.mark.sampling
 def test_fixed_leap_runs_batches(tiny_stdit):
     """The reference LPL sampler only runs batch 1; ours leaps a whole batch (fixture: the formula
     z_step15 + v15 * t15 / 1000 on the batch-2 reference trajectory)."""
@@ -178,6 +183,7 @@ def test_fixed_leap_runs_batches(tiny_stdit):
 
 
 @pytest.mark.gpu
+@pytest.mark.sampling
 def test_dynamic_leap_runs_batches(tiny_stdit):
     """Batch 2 with the reference rule (decided on sample 0) leaps where the batch-1 run does, and
     sample 0 equals the batch-1 result."""
