@@ -5,6 +5,7 @@ these functions are MLX's own)."""
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -180,3 +181,15 @@ def test_one_part_runs_whole_layers_and_several_parts_step_by_step(monkeypatch, 
         parts = fast_ops.CpuParallel(2).run(layer, [x[:1], x[1:]])
         assert (layer.whole, layer.stepped) == (1, 2)
         assert mx.array_equal(mx.concatenate(parts), stepped)
+
+
+def test_cpu_parts_without_sched_getaffinity(monkeypatch):
+    """macOS has no os.sched_getaffinity: one part per CPU the OS reports, at most 8."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.delenv("MLX_SORA_CPU_PARTS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    assert fast_ops.cpu_parts() == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert fast_ops.cpu_parts() == 4
+    monkeypatch.setenv("MLX_SORA_CPU_PARTS", "1")
+    assert fast_ops.cpu_parts() == 1

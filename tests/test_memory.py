@@ -266,8 +266,9 @@ def test_allocator_policy_is_a_no_op_without_glibc(monkeypatch):
 
 # ---------------------------------------------------------------- the real macOS calls
 
-macos_only = pytest.mark.skipif(sys.platform != "darwin", reason="the real proc_pid_rusage / host_statistics64 "
-                                                                 "calls exist on macOS only (their logic is tested above)")
+macos_only = pytest.mark.skipif(
+    sys.platform != "darwin",
+    reason="the real proc_pid_rusage / host_statistics64 calls exist on macOS only (their logic is tested above)")
 
 
 @pytest.mark.macos

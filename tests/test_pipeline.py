@@ -122,7 +122,7 @@ def test_a_second_generate_plans_as_the_first(tiny_model_folder):
     x = mx.ones((128, 1024, 1024))  # 512 MiB: the peak rises far above what the process holds after
     mx.eval(x)
     del x
-    memory.release_freed_cpu_memory()
+    memory.release_reusable_memory()  # (the heap's on Linux, MLX's buffer cache on Metal)
     assert memory.peak_process_memory() - memory.process_memory() > 400 * 2**20
     second = pipe.plan(request)
     assert _plan_signature(second) == _plan_signature(first)

@@ -10,11 +10,12 @@ What counts is what the OS holds against the process:
   limit is enforced on (the On-device Sora app reads ``phys_footprint`` from ``task_info``).
   Available: the host's free, inactive and purgeable pages (``host_statistics64``).
 
-Planning uses the *current* figure (``process_memory``); reports give the peak (``peak_process_memory``)
-under the name of its measure (``ProcessMemory.peak_name``: "max RSS" / "peak footprint"). The readers of each
-OS are chosen in one place, ``os_memory``; ``memory_for(platform, ...)`` builds them with the OS
-calls substituted (tests). Also: the CPU allocator policy (``keep_freed_cpu_memory`` /
-``release_freed_memory``).
+Planning uses the *current* figure (``process_memory``); reports give the peak
+(``peak_process_memory``) under the name of its measure (``ProcessMemory.peak_name``: "max RSS" /
+"peak footprint"). The readers of each OS are chosen in one place, ``os_memory``;
+``memory_for(platform, ...)`` builds them with the OS calls substituted (tests). Also: the CPU
+allocator policy (``keep_freed_cpu_memory`` / ``release_freed_cpu_memory``) and the memory a
+process holds for reuse (``reusable_memory`` / ``release_reusable_memory``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ chain with the weights *materialized lazily* and *evicted* after use:
 
 * A streamed unit's weights are read from its file and cast to the compute dtype right before it
   runs, and dropped right after (the module then holds unevaluated, file-backed arrays again, which
-  own no memory; with the MLX buffer cache limited, the freed memory really returns).
+  own no memory; the freed buffers wait in MLX's cache, limited per phase by ``PhasePlan.cache_limit``,
+  for the next unit's weights, and beyond that limit go back to the OS).
 * **Concurrent loading**: while unit i computes, unit i+1's weights are read on a second MLX stream
   (``mx.async_eval``). Evaluation stays on the calling thread; MLX runs the two streams side by
   side. Before a unit runs, its weights are waited for explicitly, so the time a load was *not*
