@@ -149,7 +149,8 @@ else
   part "python -m mlx_sora.generate --prompt \"a red circle moving left\"" \
     "$PY" -m mlx_sora.generate --prompt "a red circle moving left" --output "$DEMO"
   if [[ $DRY_RUN == 0 ]]; then
-    grep -E '^compute:|^(text encoding|denoising|decoding) |^process |^wrote ' "$WORK/part.out" | sed 's/^/    /' | tee -a "$OUT"
+    grep -E '^compute:|^(text encoding|denoising|decoding) |^process |^wrote ' "$WORK/part.out" | awk '!seen[$0]++' \
+      | sed 's/^/    /' | tee -a "$OUT"
   fi
 fi
 

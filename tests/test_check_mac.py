@@ -5,6 +5,7 @@ and the benchmark's choice of torch device (MPS on macOS, CUDA elsewhere). Nothi
 from __future__ import annotations
 
 import importlib.util
+import os
 import platform
 import subprocess
 import sys
@@ -70,6 +71,28 @@ def test_parts_can_be_left_out():
         assert part in done.stdout
     would = [line for line in done.stdout.splitlines() if line.startswith("would run:")]
     assert not [line for line in would if "pytest" in line or "bench_vs_torch" in line or "generate" in line]
+
+
+def test_a_report_on_a_substituted_mac(tmp_path):
+    """The report's real path (not the dry run) with macOS's commands substituted by shims."""
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    for name, body in (("uname", 'if [ "$1" = "-s" ]; then echo Darwin; else /bin/uname "$@"; fi'),
+                       ("sw_vers", "echo 15.1"),
+                       ("sysctl", 'for k in "$@"; do case "$k" in machdep.cpu.brand_string) echo "Apple M4 (shim)";; '
+                                  "hw.memsize) echo 25769803776;; esac; done")):
+        (shims / name).write_text(f"#!/bin/sh\n{body}\n")
+        (shims / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{shims}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    report = tmp_path / "report.md"
+    done = subprocess.run(["bash", str(SCRIPT), "--python", sys.executable, "--out", str(report), "--no-tests",
+                           "--no-demo", "--no-bench"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = report.read_text()
+    assert "- macOS 15.1" in text and "- chip: Apple M4 (shim), memory: 24 GiB" in text
+    assert "- MLX: " in text and "Metal available: " in text and "memory as mlx-sora measures it: " in text
+    assert "- test suite: not run: --no-tests" in text and text.rstrip().endswith("Every part that ran passed.")
 
 
 def _bench_vs_torch():
