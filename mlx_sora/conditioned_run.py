@@ -50,7 +50,7 @@ def _encode(pipe: "Pipeline", phase: PlannedPhase, report, videos: list[np.ndarr
 
     def work(vae: nn.Module, weights: StreamingWeights | None) -> list[np.ndarray]:
         vae.micro_batch_size = phase.micro_batch
-        return [np.array(vae.encode(mx.array(v).astype(pipe.dtype), weights=weights).astype(mx.float32))
+        return [np.array(vae.encode(mx.array(v).astype(pipe.dtypes["vae"]), weights=weights).astype(mx.float32))
                 for v in videos]
 
     return pipe._in_phase(phase, report, work)

@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .coreml.export import export
     from .runtime.blas import ensure_fast_cpu_blas
+    from .runtime.memory import os_memory
     from .runtime.streaming import format_bytes
 
     ensure_fast_cpu_blas(args.quiet)
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quiet:
         per = ", ".join(f"{c} {format_bytes(b)}" for c, b in result.bytes_per_component().items())
         print(f"wrote {result.folder}: {len(result.units)} packages ({per}) in {result.seconds:.1f} s, "
-              f"process max RSS {format_bytes(result.max_rss)}")
+              f"process {os_memory().peak_name} {format_bytes(result.process_peak)}")
     return 0
 
 

@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["cpu_and_gpu", "all", "cpu_only", "cpu_and_ne"],
                         help="where Core ML runs the units (macOS; 'all' includes the Neural Engine)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+                   help="compute dtype of every model (default: float32 on CPU; on a GPU bfloat16, the text encoder "
+                        "float32 as in Open-Sora 1.2). float32 on a GPU runs with TF32 off (MLX_ENABLE_TF32=0)")
+    p.add_argument("--text-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="compute dtype of the T5 text encoder (overrides --dtype for it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, plan or summary")
     modes.add_mode_arguments(p)
     ranks = p.add_argument_group("several Macs, one job (started by mlx.launch; see the README)")
@@ -186,9 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             args.quiet = args.quiet or ranks.rank != 0  # rank 0 speaks for the job
         bundle = resolve_model(args.model, prefer_quantized=bool(profile and profile.prefer_quantized))
         pipe = Pipeline(bundle, dtype=args.dtype, memory_budget=budget, overlap=not args.no_overlap,
-                        group=ranks, parallel=args.parallel or "data", rank_timeout=args.rank_timeout)
+                        text_dtype=args.text_dtype, group=ranks, parallel=args.parallel or "data",
+                        rank_timeout=args.rank_timeout)
         if not args.quiet:
             print(f"model {bundle.name}: " + ", ".join(f"{k} {v}" for k, v in bundle.components.items()))
+            print(pipe.precision)
         if pipe.parallel is not None:
             return _run_parallel(args, pipe, bundle, batches[0], modes.batch_options(options, batches[0], first), paths,
                                  ranks)
@@ -237,8 +242,9 @@ def _run_coreml(args: argparse.Namespace, options: dict, paths: dict, batches: l
     from .io.video import write_mp4
 
     try:
-        if args.model or args.dtype:
-            raise UserError("--coreml runs the exported units; --model and --dtype do not apply (the export fixed them)")
+        if args.model or args.dtype or args.text_dtype:
+            raise UserError("--coreml runs the exported units; --model, --dtype and --text-dtype do not apply (the "
+                            "export fixed them)")
         used = [f"--{k.replace('_', '-')}" for k in ("reference_path", "mask_strategy", "refine_prompt")
                 if getattr(args, k) is not None] + (["--loop"] if args.loop != 1 else [])
         embedded = [p.where for batch in batches for p in batch if p.text.rstrip().endswith("}") or "|0|" in p.text]

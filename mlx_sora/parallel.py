@@ -121,7 +121,7 @@ def _size(n: float) -> str:
 
 
 def _phase_entry(report: PhaseReport, bytes_sent: int) -> dict:
-    return dict(name=report.name, seconds=report.seconds, peak_memory=report.peak_memory, max_rss=report.max_rss,
+    return dict(name=report.name, seconds=report.seconds, peak_memory=report.peak_memory, max_rss=report.process_peak,
                 bytes_sent=bytes_sent)
 
 
@@ -248,12 +248,12 @@ class ParallelGeneration:
             y = None
             if self.rank == 0:
                 y, text_mask = pipe.encode_text(texts, plans["text_encoder"], phase, progress)
-                y = y.astype(pipe.dtype)  # as the denoising casts it
+                y = y.astype(pipe.dtypes["stdit3"])  # as the denoising casts it
             else:
                 text_mask = mx.array(pipe.tokenize(texts)[1])
             stdit = pipe.planner.skeletons["stdit3"].config
             shape = (len(texts), 1, pipe.text_length, stdit.caption_channels)
-            y = ranks.broadcast(y, shape, pipe.dtype, "receiving the caption embeddings from rank 0")
+            y = ranks.broadcast(y, shape, pipe.dtypes["stdit3"], "receiving the caption embeddings from rank 0")
         self._record(report, results, phase, ranks.bytes_sent - sent)
 
         sent = ranks.bytes_sent

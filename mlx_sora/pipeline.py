@@ -10,7 +10,8 @@ Each phase runs one model, unit by unit, and releases it, so the peak is that of
 With a memory budget (the default: 80 % of the available memory), each phase is planned before any
 heavy work: which units stay resident and which are streamed (read before use, evicted after, the
 next one read while the current one computes), and for decoding the VAE's micro-batch and tiling.
-Every generation reports seconds, MLX peak memory and process max RSS per phase.
+Every generation reports seconds, MLX peak memory and the process's peak per phase, as its OS
+counts it (max RSS on Linux, peak physical footprint on macOS).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
-from .conversion.loading import build_model, load_model, parse_dtype
+from .conversion.loading import build_model, load_model
 from .conversion.registry import GenerationDefaults, ModelBundle, resolve_model
 from .io.video import to_uint8_frames
 from .models.stdit3_layers import chunked_layers
@@ -37,7 +38,8 @@ from .planning import GenerationPlanner, PlannedPhase, folder_unit_sizes
 from .prompts.tokenizer import T5Tokenizer
 from .request import GenerationRequest
 from .runtime.distributed import DEFAULT_TIMEOUT, RankGroup
-from .runtime.memory import PhaseReport, measure_phase, release_freed_cpu_memory
+from .runtime.memory import PhaseReport, measure_phase, os_memory, release_freed_cpu_memory
+from .runtime.precision import compute_dtypes, describe_dtypes, full_float32_matmuls
 from .runtime.streaming import (
     PhasePlan,
     StreamingWeights,
@@ -49,11 +51,6 @@ from .sampling import IMG_FPS, SamplingReport, iterate_sampling, sampling_timest
 
 if TYPE_CHECKING:
     from .prompts.refine import RefinerSettings
-
-
-def default_compute_dtype() -> mx.Dtype:
-    """float32 on CPU (MLX's CPU bf16 matmul is slow), bfloat16 on a GPU."""
-    return mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
 
 
 @dataclass
@@ -80,25 +77,34 @@ class GenerationResult:
     """With loops: every loop's whole clip per prompt ([loop][prompt] uint8 [T, H, W, 3]), overlap included."""
     job: JobReport | None = None
     """Across ranks (``group=``): what every rank did (``parallel.py``)."""
+    precision: str = ""
+    """The compute dtypes and what float32 means here (TF32 off or not)."""
 
     @property
-    def max_rss(self) -> int:
-        return max((p.max_rss for p in self.phases), default=0)
+    def process_peak(self) -> int:
+        """The process's peak memory as its OS counts it (max RSS / peak footprint)."""
+        return max((p.process_peak for p in self.phases), default=0)
+
+    @property
+    def process_peak_name(self) -> str:
+        return self.phases[0].process_peak_name if self.phases else os_memory().peak_name
 
     @property
     def within_budget(self) -> bool | None:
-        """Whether the process max RSS stayed within the memory budget (None without a budget)."""
-        return None if self.memory_budget is None else self.max_rss <= self.memory_budget
+        """Whether the process's peak stayed within the memory budget (None without a budget)."""
+        return None if self.memory_budget is None else self.process_peak <= self.memory_budget
 
     def summary(self) -> str:
         lines = [p.summary() for p in self.phases]
         s = self.sampling
         leap = f", leapt at step {s.leap_step}" if s.leap_step is not None else ""
         lines.append(f"model evaluations {s.evaluations}{leap}, {s.seconds_per_step:.2f} s/step")
+        if self.precision:
+            lines.append(self.precision)
         if self.memory_budget is not None:
             verdict = "within" if self.within_budget else "OVER"
-            lines.append(f"process max RSS {format_bytes(self.max_rss)}: {verdict} the memory budget "
-                         f"{format_bytes(self.memory_budget)}")
+            lines.append(f"process {self.process_peak_name} {format_bytes(self.process_peak)}: {verdict} the memory "
+                         f"budget {format_bytes(self.memory_budget)}")
         if self.job is not None:
             lines.append(self.job.summary())
         return "\n".join(lines)
@@ -121,6 +127,7 @@ class Pipeline:
         memory_budget: str | int | None = "auto",
         overlap: bool = True,
         keep_loaded: bool = False,
+        text_dtype: str | mx.Dtype | None = None,
         group: mx.distributed.Group | RankGroup | None = None,
         parallel: str = "data",
         rank_timeout: float = DEFAULT_TIMEOUT,
@@ -132,17 +139,21 @@ class Pipeline:
         self.bundle = model if isinstance(model, ModelBundle) else ModelBundle("custom", dict(model))
         self.components = self.bundle.components
         self.defaults: GenerationDefaults = self.bundle.defaults
-        self.dtype = parse_dtype(dtype) or default_compute_dtype()
+        # each component's compute dtype (runtime/precision.py); float32 on a GPU with TF32 off
+        self.dtypes = compute_dtypes(dtype, text_dtype)
+        self.precision = f"compute: {describe_dtypes(self.dtypes)}"
+        if mx.float32 in self.dtypes.values():
+            self.precision += f"; {full_float32_matmuls()}"
         self.memory_budget = default_memory_budget() if memory_budget == "auto" else parse_memory_size(memory_budget)
         self.overlap = overlap
         self.keep_loaded = keep_loaded
         self.tokenizer = T5Tokenizer.from_folder(self.components["text_encoder"])
         # skeletons (lazy parameters, nothing allocated) for sizes, units and memory estimates
         self._skeletons = {c: build_model(p) for c, p in self.components.items()}
-        for model_ in self._skeletons.values():
-            model_.compute_dtype = self.dtype
+        for component, model_ in self._skeletons.items():
+            model_.compute_dtype = self.dtypes[component]
         self.text_length = self._skeletons["stdit3"].config.model_max_length
-        self.planner = GenerationPlanner(self._skeletons, folder_unit_sizes(self.components, self.dtype),
+        self.planner = GenerationPlanner(self._skeletons, folder_unit_sizes(self.components, self.dtypes),
                                          self.memory_budget, overlap)
         self._loaded: dict[str, nn.Module] = {}
 
@@ -155,17 +166,19 @@ class Pipeline:
         overlap: bool = True,
         keep_loaded: bool = False,
         prefer_quantized: bool = False,
+        text_dtype: str | mx.Dtype | None = None,
         group: mx.distributed.Group | RankGroup | None = None,
         parallel: str = "data",
         rank_timeout: float = DEFAULT_TIMEOUT,
     ) -> "Pipeline":
         """``model``: None / "demo" (embedded), a preset ("opensora-v1.2") or a folder of converted
-        weights. ``memory_budget``: "auto" (80 % of the available memory), a size ("3.3GB",
-        "800MB", bytes) or None (each phase loads its whole model). ``prefer_quantized``: use a
-        quantized text encoder where the folder has one. ``group`` / ``parallel`` / ``rank_timeout``:
-        across ranks (see ``__init__``)."""
+        weights. ``dtype``: every component's compute dtype (default: float32 on the CPU; on a GPU
+        bfloat16, T5 float32), ``text_dtype``: T5's. ``memory_budget``: "auto" (80 % of the
+        available memory), a size ("3.3GB", "800MB", bytes) or None (each phase loads its whole
+        model). ``prefer_quantized``: use a quantized text encoder where the folder has one.
+        ``group`` / ``parallel`` / ``rank_timeout``: across ranks (see ``__init__``)."""
         return cls(resolve_model(model, prefer_quantized), dtype=dtype, memory_budget=memory_budget,
-                   overlap=overlap, keep_loaded=keep_loaded, group=group, parallel=parallel,
+                   overlap=overlap, keep_loaded=keep_loaded, text_dtype=text_dtype, group=group, parallel=parallel,
                    rank_timeout=rank_timeout)
 
     @staticmethod
@@ -198,19 +211,19 @@ class Pipeline:
     def _in_phase(self, phase: PlannedPhase, report: PhaseReport, work, cyclic: bool = False):
         """Open the phase's model (resident, or lazily with a streaming weight policy), run
         ``work(model, weights)``, then release everything the phase held."""
-        folder = self.components[phase.component]
+        folder, dtype = self.components[phase.component], self.dtypes[phase.component]
         weights = None
         if phase.plan.budget is None:
             if phase.component not in self._loaded:
                 start = time.perf_counter()
-                self._loaded[phase.component] = load_model(folder, dtype=self.dtype)
+                self._loaded[phase.component] = load_model(folder, dtype=dtype)
                 report.load_wait = time.perf_counter() - start  # the whole model, before any compute
             model = self._loaded[phase.component]
         else:
-            model = load_model(folder, dtype=self.dtype, lazy=True)
-            weights = StreamingWeights(model, folder, phase.plan, self.dtype, cyclic=cyclic)
-            # MLX keeps freed buffers for reuse; only as many as the budget leaves room for
-            mx.set_cache_limit(max(0, phase.plan.budget - phase.plan.expected_peak))
+            model = load_model(folder, dtype=dtype, lazy=True)
+            weights = StreamingWeights(model, folder, phase.plan, dtype, cyclic=cyclic)
+            # MLX keeps freed buffers for reuse: what the budget leaves, at least a unit's worth
+            mx.set_cache_limit(phase.plan.cache_limit())
         try:
             return work(model, weights)
         finally:
@@ -351,7 +364,8 @@ class Pipeline:
                  seeds: Sequence[int]) -> list[GenerationResult]:
         """Empty results, one per seed, that the phases fill in."""
         return [GenerationResult([], list(request.texts), s, request.fps, plans=[p.plan for p in plans],
-                                 memory_budget=self.memory_budget, warnings=list(request.warnings)) for s in seeds]
+                                 memory_budget=self.memory_budget, warnings=list(request.warnings),
+                                 precision=self.precision) for s in seeds]
 
     def initial_noise(self, batch: int, request: GenerationRequest, seed: int) -> mx.array:
         latent_t, latent_h, latent_w = self.latent_size(request.num_frames, request.height, request.width)
@@ -368,7 +382,7 @@ class Pipeline:
         batch = y.shape[0]
         z = self.initial_noise(batch, request, result.seed) if z is None else z
         result.latent_shape = tuple(z.shape)
-        dtype = self.dtype
+        dtype = self.dtypes["stdit3"]
         cond = [mx.array([v] * batch, dtype=dtype) for v in (request.height, request.width, request.num_frames)]
         fps_cond = mx.array([request.fps if request.num_frames > 1 else IMG_FPS] * batch, dtype=dtype)
         if weights is not None:
@@ -403,7 +417,7 @@ class Pipeline:
                       progress: bool) -> np.ndarray:
         """Latents -> float32 videos [B, 3, T, H, W] as the VAE gives them (unclamped)."""
         chunks = []
-        pieces = vae.decode_chunks(z.astype(self.dtype), num_frames=frames, weights=weights)
+        pieces = vae.decode_chunks(z.astype(self.dtypes["vae"]), num_frames=frames, weights=weights)
         for chunk in tqdm(pieces, desc="decoding", disable=not progress, leave=False):
             chunks.append(np.array(chunk.astype(mx.float32)))
         return np.concatenate(chunks, axis=2)

@@ -21,7 +21,7 @@ from .models.stdit3_layers import CHUNK_BYTES
 from .models.stdit3_parallel import sequence_tokens
 from .models.units import Unit
 from .request import GenerationRequest
-from .runtime.memory import process_rss
+from .runtime.memory import process_memory
 from .runtime.streaming import MemoryBudgetError, PhasePlan, UnitSize, format_bytes, plan_phase, unit_sizes
 
 # VAE decoding settings tried in order (fastest first) until the plan fits the budget:
@@ -30,9 +30,9 @@ VAE_SETTINGS: tuple[tuple[int | None, tuple[int, int] | None], ...] = (
     (4, None), (2, None), (1, None), (1, (32, 8)), (1, (16, 4)),
 )
 
-# Process memory a run adds beyond MLX's own allocations and what is resident at planning time:
-# worker-thread stacks and malloc arenas, compiled kernels, Python objects (measured with
-# scripts/bench_memory.py: max RSS minus MLX peak minus the planning-time RSS).
+# Process memory a run adds beyond MLX's own allocations and what the process holds at planning
+# time: worker-thread stacks and malloc arenas, compiled kernels, Python objects (measured on Linux
+# with scripts/bench_memory.py: max RSS minus MLX peak minus the planning-time RSS).
 RUNTIME_OVERHEAD = 160 * 2**20
 
 # (component, its model skeleton, the chain of units planned, how often each unit runs) -> sizes
@@ -65,11 +65,13 @@ class PlannedPhase:
     """STDiT3: its layers a chunk at a time (``stdit3_layers.chunked_layers``), None: whole."""
 
 
-def folder_unit_sizes(components: dict[str, Path], dtype: mx.Dtype) -> UnitSizer:
-    """Unit sizes from the weight files' headers of converted folders, held in ``dtype``."""
+def folder_unit_sizes(components: dict[str, Path], dtype: mx.Dtype | dict[str, mx.Dtype]) -> UnitSizer:
+    """Unit sizes from the weight files' headers of converted folders, held in ``dtype``: one for
+    every component, or each component's own (``{"text_encoder": mx.float32, ...}``)."""
 
     def sizes(component: str, model: nn.Module, chain: Sequence[Unit], uses: dict[str, int]) -> list[UnitSize]:
-        return unit_sizes(model, components[component], dtype, uses, chain)
+        held = dtype[component] if isinstance(dtype, dict) else dtype
+        return unit_sizes(model, components[component], held, uses, chain)
 
     return sizes
 
@@ -80,10 +82,14 @@ def decoder_chain(vae: nn.Module) -> tuple[Unit, ...]:
 
 
 class GenerationPlanner:
-    """Plans requests for one model (its skeletons: ``text_encoder``, ``stdit3``, ``vae``)."""
+    """Plans requests for one model (its skeletons: ``text_encoder``, ``stdit3``, ``vae``, each with
+    its ``compute_dtype`` set: the activation estimates follow it).
+
+    ``baseline``: what the process holds now (``memory.process_memory``: the current RSS or
+    footprint, never a peak, so that a second request in one process plans as the first did)."""
 
     def __init__(self, skeletons: dict[str, nn.Module], sizes: UnitSizer, memory_budget: int | None,
-                 overlap: bool = True, baseline: Callable[[], int] = process_rss,
+                 overlap: bool = True, baseline: Callable[[], int] = process_memory,
                  vae_settings: Sequence[tuple[int | None, tuple[int, int] | None]] = VAE_SETTINGS):
         self.skeletons = skeletons
         self.sizes = sizes

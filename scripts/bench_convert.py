@@ -3,7 +3,8 @@
 The real DeepFloyd/t5-v1_1-xxl checkpoint is 19 GB of ``.bin`` shards; the converter must stream it.
 This writes a checkpoint with the real XXL widths (d_model 4096, d_ff 10240, 64 heads, vocab 32128)
 and ``--layers`` encoder blocks, as ``torch.save`` shards in the Hugging Face layout, then converts it
-in a fresh process and prints that process's max RSS next to the checkpoint size.
+in a fresh process and prints that process's peak memory (max RSS on Linux, peak footprint on macOS)
+next to the checkpoint size.
 
     python scripts/bench_convert.py --layers 6            # ~5 GB checkpoint
 """
@@ -18,14 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# max RSS of the converting process alone (memory.max_rss_bytes reads VmHWM, which exec resets)
+# peak memory of the converting process alone (memory.peak_process_memory: on Linux VmHWM, which exec resets)
 CONVERT_AND_MEASURE = """
 import sys, time
 from mlx_sora import convert
-from mlx_sora.runtime.memory import max_rss_bytes
+from mlx_sora.runtime.memory import os_memory, peak_process_memory
 start = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], sys.argv[3])
-print(time.perf_counter() - start, max_rss_bytes())
+print(time.perf_counter() - start, peak_process_memory(), os_memory().peak_name.replace(' ', '_'))
 """
 
 
@@ -89,10 +90,11 @@ def main() -> int:
               f"({time.perf_counter() - start:.0f} s)")
         done = subprocess.run([sys.executable, "-c", CONVERT_AND_MEASURE, str(src), str(Path(tmp) / "mlx"),
                                args.dtype], capture_output=True, text=True, check=True)
-        seconds, rss = done.stdout.split()[-2:]
+        seconds, rss, measure = done.stdout.split()[-3:]
         out = sum(p.stat().st_size for p in (Path(tmp) / "mlx").iterdir())
         print(f"converted to {args.dtype} in {float(seconds):.0f} s: output {out / 2**30:.2f} GiB, "
-              f"converter max RSS {int(rss) / 2**30:.2f} GiB = {int(rss) / size:.0%} of the checkpoint")
+              f"converter {measure.replace('_', ' ')} {int(rss) / 2**30:.2f} GiB = {int(rss) / size:.0%} of the "
+              "checkpoint")
     return 0
 
 

@@ -56,7 +56,7 @@ if results and results[0].job is not None:
     phases = {p["name"]: p for p in job.phases}
     evaluations = job.evaluations
 else:
-    phases = {p.name: dict(seconds=p.seconds, peak_memory=p.peak_memory, max_rss=p.max_rss, bytes_sent=0)
+    phases = {p.name: dict(seconds=p.seconds, peak_memory=p.peak_memory, max_rss=p.process_peak, bytes_sent=0)
               for p in results[0].phases}
     evaluations = sum(r.sampling.evaluations for r in results)
 print("RESULT " + json.dumps(dict(rank=rank, steps=steps_seconds, phases=phases, evaluations=evaluations,

@@ -3,8 +3,9 @@
 Real sizes (T5 v1.1 XXL encoder, STDiT3-XL/2, VAE v1.2) with random weights, written through the
 converter's own code path (``write_converted_folder``, bfloat16 storage like the converted release;
 an int8 copy of the text encoder), then one generation per configuration, each in a fresh process so
-that its max RSS is its own: CFG batch 2, one denoising evaluation (30-step schedule, leap at step 0,
-so that the plan is the 30-step one), float32 compute.
+that its peak memory (max RSS on Linux, peak footprint on macOS) is its own: CFG batch 2, one
+denoising evaluation (30-step schedule, leap at step 0, so that the plan is the 30-step one), float32
+compute.
 
     python scripts/bench_memory.py prepare --out weights/bench-real          # ~13 GB on disk, once
     python scripts/bench_memory.py all --model weights/bench-real --sizes 192x192x17 256x256x68
@@ -18,14 +19,15 @@ Configurations:
     budget-2GB        --memory-budget 2GB
     int8-t5           --memory-budget 3.3GB with the int8 text encoder
 
-Per phase it prints seconds, MLX peak, process max RSS, unit loads, seconds waiting for weights, and,
-for stream-overlap, the share of the load time hidden behind compute: 1 - wait(stream-overlap) /
+Per phase it prints seconds, MLX peak, the process's peak (max RSS / peak footprint), unit loads,
+seconds waiting for weights, and, for stream-overlap, the share of the load time hidden behind compute: 1 - wait(stream-overlap) /
 wait(stream-sequential), the same plan with and without loading ahead (budgeted runs have no
 sequential twin: their wait is printed, no share). The JSON has the wait of every unit, and the
 header the rate at which the machine hands out fresh memory (``page_fault_rates``). Before
 each run the weight files it uses are read once, so every run starts from a warm page cache (a fully
 resident run would otherwise evict the next run's files); ``--cold`` drops them from the page cache
-instead (the disk's read speed then counts).
+instead (the disk's read speed then counts; Linux: ``posix_fadvise``, which macOS lacks: there run
+``sudo purge`` before each run instead).
 """
 
 from __future__ import annotations
@@ -111,6 +113,9 @@ def prepare(out: Path, t5_layers: int) -> None:
 
 
 def drop_page_cache(folder: Path) -> None:
+    if not hasattr(os, "posix_fadvise"):  # macOS: no per-file way to drop cached pages without root
+        raise SystemExit("error: --cold needs posix_fadvise (Linux); on macOS drop the page cache with "
+                         "`sudo purge` before a run instead, and leave --cold out")
     for path in folder.rglob("*.safetensors"):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -128,8 +133,8 @@ def warm_page_cache(folders) -> None:
 
 
 def page_fault_rates(size: int = 512 << 20) -> tuple[float, float]:
-    """GiB/s at which this machine hands a process fresh memory (one write per 4 KiB page of an
-    anonymous mapping): as found, and again right after it was given back. On a virtual machine
+    """GiB/s at which this machine hands a process fresh memory (one write per page of an anonymous
+    mapping): as found, and again right after it was given back. On a virtual machine
     that returns freed memory to its host (Linux free page reporting, virtio-balloon) the first
     figure can be several times lower: every load that needs memory the process has not used yet
     pays it (the text phase's first two T5 units)."""
@@ -141,7 +146,7 @@ def page_fault_rates(size: int = 512 << 20) -> tuple[float, float]:
     for _ in range(2):
         region = mmap.mmap(-1, size)
         start = time.perf_counter()
-        np.frombuffer(region, dtype=np.uint8)[::4096] = 1
+        np.frombuffer(region, dtype=np.uint8)[::mmap.PAGESIZE] = 1
         rates.append(size / GIB / (time.perf_counter() - start))
         region.close()
     return rates[0], rates[1]
@@ -164,11 +169,12 @@ def run_one(model: Path, config_name: str, size: str, cold: bool) -> dict:
     total = time.perf_counter() - start
     streamed = {plan.phase: len(plan.streamed) for plan in result.plans}
     return {
-        "config": config_name, "size": size, "cold": cold, "seconds": total, "max_rss": result.max_rss,
+        "config": config_name, "size": size, "cold": cold, "seconds": total, "process_peak": result.process_peak,
+        "process_peak_name": result.process_peak_name,
         "budget": pipe.memory_budget, "within_budget": result.within_budget,
         "evaluations": result.sampling.evaluations,
         "plans": [p.summary() for p in result.plans],
-        "phases": {p.name: {"seconds": p.seconds, "peak_memory": p.peak_memory, "max_rss": p.max_rss,
+        "phases": {p.name: {"seconds": p.seconds, "peak_memory": p.peak_memory, "process_peak": p.process_peak,
                             "loads": p.loads, "load_wait": p.load_wait, "read_bytes": p.read_bytes,
                             "load_wait_by_unit": p.load_wait_by_unit,
                             "streamed": streamed.get(p.name, 0)}
@@ -179,7 +185,8 @@ def run_one(model: Path, config_name: str, size: str, cold: bool) -> dict:
 
 
 def print_table(runs: list[dict]) -> None:
-    print(f"\n{'size':<11} {'config':<18} {'phase':<14} {'seconds':>8} {'MLX peak':>9} {'max RSS':>8} "
+    measure = runs[0]["process_peak_name"] if runs else "max RSS"
+    print(f"\n{'size':<11} {'config':<18} {'phase':<14} {'seconds':>8} {'MLX peak':>9} {measure:>14} "
           f"{'loads':>6} {'wait s':>7} {'hidden':>7}")
     by_key = {(r["size"], r["config"]): r for r in runs}
     for r in runs:
@@ -192,11 +199,11 @@ def print_table(runs: list[dict]) -> None:
                 if base > 0:
                     hidden = f"{100 * (1 - p['load_wait'] / base):.0f} %"
             print(f"{r['size']:<11} {r['config']:<18} {phase:<14} {p['seconds']:8.1f} "
-                  f"{p['peak_memory'] / GIB:8.2f}G {p['max_rss'] / GIB:7.2f}G {p['loads']:6d} "
+                  f"{p['peak_memory'] / GIB:8.2f}G {p['process_peak'] / GIB:13.2f}G {p['loads']:6d} "
                   f"{p['load_wait']:7.1f} {hidden:>7}")
         verdict = "" if r["within_budget"] is None else f", within budget: {r['within_budget']}"
         print(f"{'':<11} {r['config']:<18} {'whole run':<14} {r['seconds']:8.1f} {'':>9} "
-              f"{r['max_rss'] / GIB:7.2f}G{verdict} (load average {r['load_average']:.1f})")
+              f"{'':>5} {r['process_peak'] / GIB:8.2f}G{verdict} (load average {r['load_average']:.1f})")
 
 
 def main() -> int:
@@ -239,7 +246,8 @@ def main() -> int:
                 continue
             run = json.loads(done.stdout.strip().splitlines()[-1])
             runs.append(run)
-            print(f"{size} {config}: {run['seconds']:.1f} s, max RSS {run['max_rss'] / GIB:.2f} GiB", flush=True)
+            print(f"{size} {config}: {run['seconds']:.1f} s, {run['process_peak_name']} "
+                  f"{run['process_peak'] / GIB:.2f} GiB", flush=True)
             for plan in run["plans"]:
                 print("  " + plan.replace("\n", "\n  "))
             if args.json:

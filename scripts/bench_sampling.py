@@ -27,7 +27,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_sora import convert, load_model
-from mlx_sora.runtime.memory import keep_freed_cpu_memory, max_rss_bytes
+from mlx_sora.runtime.memory import keep_freed_cpu_memory, os_memory, peak_process_memory
 from mlx_sora.sampling import (
     DynamicLeap,
     FixedLeap,
@@ -103,7 +103,7 @@ def run_xl(steps: int, frames: int, height: int, width: int) -> None:
         _, report = sample(denoise, z, timesteps[:steps], config)
         per_eval[merge] = (time.perf_counter() - start) / report.evaluations
         print(f"  measured: TDTM {'on ' if merge else 'off'} {per_eval[merge]:7.2f} s/evaluation over {steps}, "
-              f"peak MLX {mx.get_peak_memory() / 2**30:.2f} GiB, max RSS {max_rss_bytes() / 2**30:.2f} GiB")
+              f"peak MLX {mx.get_peak_memory() / 2**30:.2f} GiB, {os_memory().peak_name} {peak_process_memory() / 2**30:.2f} GiB")
     print(f"  TDTM speed-up per evaluation: {per_eval[False] / per_eval[True]:.2f}x")
     full = 30 * per_eval[False]
     for name, config in CONFIGS.items():

@@ -4,8 +4,8 @@ Random weights (the model is built and its lazy random parameters evaluated; not
 disk). Each pass runs unit by unit (embedders, 28 spatial+temporal pairs, final layer) with an
 ``mx.eval`` after every unit, so the graph stays one unit deep -- the way the sampler and the CI-DL
 streamer run it. Prints seconds per step (wall, and CPU time of all threads, which is less sensitive to
-other processes on a shared machine), MLX peak memory (weights included), the process's max RSS and
-the TDTM speed-up.
+other processes on a shared machine), MLX peak memory (weights included), the process's peak (max RSS on Linux, peak footprint on macOS)
+and the TDTM speed-up.
 
     # on Linux CPU, with OpenBLAS (MLX's bundled CPU BLAS was ~9x slower here)
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import time
 
@@ -27,7 +26,7 @@ from mlx.utils import tree_flatten
 from mlx_sora.models.stdit3 import STDiT3, STDiT3Config
 from mlx_sora.models.units import run_units
 from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
-from mlx_sora.runtime.memory import keep_freed_cpu_memory
+from mlx_sora.runtime.memory import keep_freed_cpu_memory, os_memory, peak_process_memory
 
 VAE_SPATIAL = 8  # pixels per latent pixel
 
@@ -35,10 +34,6 @@ VAE_SPATIAL = 8  # pixels per latent pixel
 def latent_frames(num_frames: int) -> int:
     """Latent frames of the released Open-Sora 1.2 VAE (its own rule; building it allocates nothing)."""
     return OpenSoraVAE(VideoAutoencoderConfig()).latent_frames(num_frames)
-
-
-def max_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
 def forward_unit_by_unit(model: STDiT3, inputs: dict, merge: bool) -> tuple[mx.array, float, float]:
@@ -112,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{frames} frames {args.height}x{args.width} (latent {t}x{h}x{w}, {t * (h // 2) * (w // 2)} tokens), "
                   f"batch {b}, TDTM {'on ' if merge else 'off'}: {seconds[merge]:.2f} s/step "
                   f"({cpu_seconds[merge]:.1f} CPU s, load average {os.getloadavg()[0]:.2f}), "
-                  f"peak MLX memory {mx.get_peak_memory() / 2**30:.2f} GiB, max RSS {max_rss_gb():.2f} GiB, "
+                  f"peak MLX memory {mx.get_peak_memory() / 2**30:.2f} GiB, {os_memory().peak_name} {peak_process_memory() / 2**30:.2f} GiB, "
                   f"output finite: {finite}", flush=True)
         print(f"{frames} frames: TDTM speed-up {seconds[False] / seconds[True]:.2f}x wall, "
               f"{cpu_seconds[False] / cpu_seconds[True]:.2f}x CPU time")

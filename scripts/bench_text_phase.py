@@ -1,5 +1,5 @@
 """Time the text-encoding phase alone through the streaming executor: seconds, seconds waiting for
-weights, loads, max RSS (the load-hiding figure of README's CI-DL section).
+weights, loads, the process's peak memory (the load-hiding figure of README's CI-DL section).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python scripts/bench_text_phase.py --model /tmp/real            # overlapped loading
@@ -35,7 +35,7 @@ def main() -> None:
     with measure_phase("text encoding") as report:
         pipe.encode_text(list(request.texts), text_phase, report)
     print(f"text encoding {report.seconds:.1f} s, waited {report.load_wait:.2f} s for weights, "
-          f"{report.loads} loads, max RSS {report.max_rss / 2**30:.2f} GiB")
+          f"{report.loads} loads, {report.process_peak_name} {report.process_peak / 2**30:.2f} GiB")
     print("waited per unit: " + " ".join(f"{name} {s:.2f}" for name, s in report.load_wait_by_unit.items()))
 
 

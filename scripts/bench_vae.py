@@ -8,20 +8,20 @@
 
 The architecture is the released one (SDXL AutoencoderKL + VAE_Temporal_SD, 393M parameters); only
 the decoder weights are materialised. Peak memory: ``mx.get_peak_memory()`` (MLX allocations, reset
-after the weights are loaded, so "decode peak" includes the weights) and the process max RSS.
+after the weights are loaded, so "decode peak" includes the weights) and the process's peak as its OS
+counts it (max RSS on Linux, peak footprint on macOS).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from mlx_sora.models.vae import OpenSoraVAE, VideoAutoencoderConfig
-from mlx_sora.runtime.memory import keep_freed_cpu_memory
+from mlx_sora.runtime.memory import keep_freed_cpu_memory, os_memory, peak_process_memory
 
 GIB = 1024**3
 
@@ -108,7 +108,7 @@ def main() -> None:
         del x_z, video
     elapsed = time.perf_counter() - start
     peak = max(temporal_peak, spatial_peak)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    process_peak = peak_process_memory()
     print("---")
     print(
         f"ran: temporal decoder on {len(chunks)} chunk(s) ({frames_run} frames) {temporal_s:.1f} s; spatial decoder "
@@ -126,7 +126,7 @@ def main() -> None:
         f"MLX peak memory (incl. {weight_bytes / GIB:.2f} GiB decoder weights): {peak / GIB:.2f} GiB "
         f"(temporal stage {temporal_peak / GIB:.2f}, spatial stage {spatial_peak / GIB:.2f})"
     )
-    print(f"max RSS: {rss / GIB:.2f} GiB")
+    print(f"{os_memory().peak_name}: {process_peak / GIB:.2f} GiB")
 
 
 if __name__ == "__main__":

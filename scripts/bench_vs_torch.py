@@ -37,6 +37,11 @@ downloads is built from its config with random weights.
     python scripts/bench_vs_torch.py --parts stdit vae t5 ops        # everything (about an hour)
     python scripts/bench_vs_torch.py --parts stdit --frames 17 --repeats 4
     python scripts/bench_vs_torch.py --quick                          # 2 blocks, small sizes: a smoke run
+
+``--device gpu`` compares the GPUs: on a Mac MLX on Metal against torch on MPS, elsewhere MLX's CUDA
+backend against torch on CUDA (``gpu_backend``); float32 runs there with TF32 off on both sides
+(MLX_ENABLE_TF32=0; torch's CUDA TF32 flags; MPS has none). The Mac path is written and unrun: no
+Mac has run it yet (``scripts/check_mac.sh`` runs it).
 """
 
 from __future__ import annotations
@@ -335,22 +340,43 @@ def median_time(run: Callable[[], Any], repeats: int) -> float:
 # ====================================================================================== torch side
 
 
+def gpu_backend(system: str | None = None) -> str:
+    """The torch device a "gpu" run compares with: MPS on macOS (MLX runs on Metal there), CUDA elsewhere."""
+    return "mps" if (system or platform.system()) == "Darwin" else "cuda"
+
+
+def machine_name() -> str:
+    """The CPU's (or Apple chip's) marketing name."""
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    if platform.system() == "Darwin":
+        done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if done.returncode == 0:
+            return done.stdout.strip()
+    return platform.processor()
+
+
 class TorchPlace:
-    """Where and in which dtype the torch side runs; moves numpy inputs there and waits for CUDA."""
+    """Where and in which dtype the torch side runs; moves numpy inputs there and waits for the GPU."""
 
     def __init__(self, device: str, dtype: str) -> None:
         import torch
 
         self.torch = torch
-        self.device = torch.device("cuda" if device == "gpu" else "cpu")
+        self.device = torch.device(gpu_backend() if device == "gpu" else "cpu")
         self.dtype = getattr(torch, dtype)
-        if device == "gpu" and dtype == "float32":  # true fp32, as MLX with MLX_ENABLE_TF32=0
+        if self.device.type == "cuda" and dtype == "float32":  # true fp32, as MLX with MLX_ENABLE_TF32=0
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
+        if self.device.type == "mps" and not torch.backends.mps.is_available():
+            raise SystemExit("error: torch has no MPS backend here (torch.backends.mps.is_available() is False)")
 
     def tensor(self, a: np.ndarray) -> Any:
-        t = self.torch.from_numpy(a).to(self.device)
-        return t.to(self.dtype) if t.is_floating_point() else t
+        t = self.torch.from_numpy(a)
+        t = t.to(self.dtype) if t.is_floating_point() else t  # (MPS has no float64: cast before moving)
+        return t.to(self.device)
 
     def model(self, m: Any) -> Any:
         return m.to(self.device, self.dtype).eval()
@@ -360,6 +386,8 @@ class TorchPlace:
             out = run()
             if self.device.type == "cuda":
                 self.torch.cuda.synchronize()
+            elif self.device.type == "mps":
+                self.torch.mps.synchronize()
             return out
 
         return wrapped
@@ -379,7 +407,8 @@ def torch_worker(args: argparse.Namespace, out_dir: Path) -> dict:
         "side": "torch",
         "version": torch.__version__,
         "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if args.device == "gpu" else "cpu",
+        "device": ("cpu" if args.device == "cpu" else
+                   torch.cuda.get_device_name() if place.device.type == "cuda" else f"mps ({machine_name()})"),
     }
     with torch.inference_mode():
         if args.part == "stdit":
@@ -562,7 +591,7 @@ def mlx_worker(args: argparse.Namespace, out_dir: Path) -> dict:
 
     keep_freed_cpu_memory()  # as load_model / Pipeline do for their users
     if args.device == "gpu":
-        mx.set_default_device(mx.gpu)
+        mx.set_default_device(mx.gpu)  # Metal on a Mac, CUDA with mlx[cuda]
     blas = fast_blas_loaded() or "bundled" if args.device == "cpu" else "-"
     results: dict[str, Any] = {
         "side": "mlx",
@@ -719,6 +748,8 @@ def run_side(side: str, part: str, args: argparse.Namespace, out_dir: Path) -> d
         env.pop("LD_PRELOAD", None)
     elif args.device == "cpu":
         env = fast_blas_env(env)
+    elif args.dtype == "float32":
+        env.setdefault("MLX_ENABLE_TF32", "0")  # float32 as float32 on GPUs with matrix units (precision.py)
     result = out_dir / f"{side}_{part}.json"
     cmd = [
         sys.executable,
@@ -801,18 +832,7 @@ def agreement(out_dir: Path, name: str) -> str:
 
 
 def print_tables(args: argparse.Namespace, results: dict[str, dict[str, dict]], out_dir: Path) -> None:
-    cpu = (
-        next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            platform.processor(),
-        )
-        if Path("/proc/cpuinfo").exists()
-        else ""
-    )
+    cpu = machine_name()
     print(
         f"\nmachine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPUs; "
         f"load average now {', '.join(f'{x:.2f}' for x in os.getloadavg())}"
@@ -889,7 +909,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=int, default=1, help="untimed runs first (STDiT3: at the first frame count)"
     )
     p.add_argument(
-        "--device", choices=["cpu", "gpu"], default="cpu", help="gpu: CUDA torch and MLX's GPU backend"
+        "--device", choices=["cpu", "gpu"], default="cpu",
+        help="gpu: MLX's GPU backend against torch on the same GPU (a Mac: Metal / MPS; elsewhere CUDA)"
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--threads", type=int, default=2, help="torch threads (and OMP/MKL threads on both sides)")

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
-import pytest
+# The suite checks float32 against the references: float32 matmuls must be float32 on GPUs with
+# matrix units too. MLX reads this once, at the process's first float32 GPU matmul (precision.py).
+os.environ["MLX_ENABLE_TF32"] = "0"
+
+import mlx.core as mx  # noqa: E402
+import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opensora12"
 
@@ -97,6 +102,20 @@ def memory_cap():
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+@pytest.fixture
+def cpu_fast_path(monkeypatch):
+    """For tests of the CPU kernels (fast_ops, conv, winograd, the CPU quantized path): run them on the
+    CPU device with the fast path on, whatever the default device (a Mac's GPU) or MLX_SORA_FAST_OPS
+    say; elsewhere those kernels do not run and their bounds (e.g. 2e-7 against float64) do not hold."""
+    monkeypatch.setenv("MLX_SORA_FAST_OPS", "1")
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
+        yield
+    finally:
+        mx.set_default_device(device)
 
 
 # ---------------------------------------------------------------- Core ML exports of the demo model

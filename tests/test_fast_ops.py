@@ -1,8 +1,11 @@
-"""The CPU kernels of ``mlx_sora.models.fast_ops`` against float64 references and MLX's own ops."""
+"""The CPU kernels of ``mlx_sora.models.fast_ops`` against float64 references and MLX's own ops, on the
+CPU device with the fast path on (``cpu_fast_path``: on a Mac the default device is the GPU, where
+these functions are MLX's own)."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,13 +16,11 @@ from mlx_sora.models import fast_ops
 from mlx_sora.models.conv import conv_by_taps, upsample2x_conv3x3
 from mlx_sora.models.stdit3_layers import CaptionKeys, MultiHeadCrossAttention
 
+pytestmark = pytest.mark.usefixtures("cpu_fast_path")
+
 
 def _np(a: mx.array) -> np.ndarray:
     return np.array(a.astype(mx.float32), dtype=np.float64)
-
-
-def test_fast_path_is_on_for_the_cpu():
-    assert fast_ops.fast_cpu() == (mx.default_device() == mx.cpu)
 
 
 def test_exp_relative_error_and_limits():
@@ -73,8 +74,12 @@ def test_attention_matches_mlx_sdpa(mask_kind):
     assert float(mx.abs(got - ref).max() / mx.abs(ref).max()) < 1e-6
 
 
-def test_off_switch_uses_mlx_ops(monkeypatch):
-    x = mx.random.normal((4, 9))
+def test_off_switch_gives_mlx_ops(monkeypatch):
+    """MLX_SORA_FAST_OPS=0 runs MLX's own kernels on the CPU too: the code a GPU runs."""
+    x = mx.random.normal((4096,), key=mx.random.key(9)) * 4
+    assert fast_ops.fast_cpu()
+    fast_gelu, fast_silu = fast_ops.gelu_tanh(x), fast_ops.silu(x)
+    assert not mx.array_equal(fast_gelu, nn.gelu_approx(x)) and not mx.array_equal(fast_silu, nn.silu(x))
     monkeypatch.setenv("MLX_SORA_FAST_OPS", "0")
     assert not fast_ops.fast_cpu()
     assert mx.array_equal(fast_ops.gelu_tanh(x), nn.gelu_approx(x))
@@ -139,3 +144,52 @@ def test_upsample_conv_on_the_small_grid():
     got = upsample2x_conv3x3(x, conv.weight, conv.bias)
     assert got.shape == ref.shape
     assert float(mx.abs(got - ref).max() / mx.abs(ref).max()) < 1e-6
+
+
+class _CountingBlock:
+    """A VAE resnet block that counts how it is driven: whole (``__call__``) or step by step."""
+
+    def __init__(self, block):
+        self.block, self.whole, self.stepped = block, 0, 0
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self.whole += 1
+        return self.block(x)
+
+    def steps(self, x: mx.array):
+        self.stepped += 1
+        yield from self.block.steps(x)
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_one_part_runs_whole_layers_and_several_parts_step_by_step(monkeypatch, fast):
+    """One stream (a GPU, the fast path off, one core): the layer is one evaluation; the same numbers
+    as step by step. Several parts on the CPU: step by step, all parts' steps together."""
+    from mlx_sora.models.vae_spatial import ResnetBlock2D
+
+    monkeypatch.setenv("MLX_SORA_FAST_OPS", fast)
+    mx.random.seed(6)
+    block = ResnetBlock2D(32, 48, 8)
+    x = mx.random.normal((2, 12, 10, 32))
+    stepped = list(block.steps(x))[-1]
+    mx.eval(stepped)
+    layer = _CountingBlock(block)
+    (whole,) = fast_ops.CpuParallel(1).run(layer, [x])
+    assert (layer.whole, layer.stepped) == (1, 0)
+    assert mx.array_equal(whole, stepped)
+    if fast == "1":
+        parts = fast_ops.CpuParallel(2).run(layer, [x[:1], x[1:]])
+        assert (layer.whole, layer.stepped) == (1, 2)
+        assert mx.array_equal(mx.concatenate(parts), stepped)
+
+
+def test_cpu_parts_without_sched_getaffinity(monkeypatch):
+    """macOS has no os.sched_getaffinity: one part per CPU the OS reports, at most 8."""
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+    monkeypatch.delenv("MLX_SORA_CPU_PARTS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    assert fast_ops.cpu_parts() == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert fast_ops.cpu_parts() == 4
+    monkeypatch.setenv("MLX_SORA_CPU_PARTS", "1")
+    assert fast_ops.cpu_parts() == 1

@@ -109,3 +109,14 @@ def test_cli_uses_openblas_when_installed_or_says_how(tmp_path):
         assert "restarting with OpenBLAS" in done.stderr
     else:
         assert "apt-get install libopenblas0-pthread" in done.stderr
+
+
+def test_cli_text_dtype_and_the_precision_line(tiny_model_folder, tmp_path, capsys):
+    code = generate.main([
+        "--model", str(tiny_model_folder), "--prompt", "a cat", "--resolution", "144p", "--aspect-ratio", "1:1",
+        "--num-frames", "1", "--steps", "1", "--output", str(tmp_path / "cat.mp4"), "--dtype", "float32",
+        "--text-dtype", "bfloat16",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "compute: text_encoder bfloat16, stdit3 float32, vae float32; float32 matmuls in full precision" in printed

@@ -62,6 +62,7 @@ def test_quantized_folder_records_and_keeps_full_precision_parts(folders):
     assert int8_bytes < 0.4 * fp32_bytes
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("name, tolerance", [("int8", 0.02), ("int4", 0.3)])
 def test_quantized_outputs_are_close_to_float32(folders, name, tolerance):
     """Measured (tiny random fixture model, hidden 64): int8 max rel. error ~4e-3, int4 ~7e-2."""
@@ -72,6 +73,7 @@ def test_quantized_outputs_are_close_to_float32(folders, name, tolerance):
     assert rel < tolerance and cos > 1 - tolerance / 10, (rel, cos)
 
 
+@pytest.mark.gpu
 def test_quantized_folder_streams_bit_identically(folders):
     folder = folders["int8"]
     expected = np.array(mlx_sora.load_model(folder, dtype="float32")(**_inputs()))
@@ -87,7 +89,7 @@ def test_quantized_folder_streams_bit_identically(folders):
     assert sizes["block_00"].bytes < 0.45 * fp32["block_00"].bytes
 
 
-def test_cpu_path_dequantizes_exactly():
+def test_cpu_path_dequantizes_exactly(cpu_fast_path):
     layer = nn.Linear(128, 48)
     mx.eval(layer.parameters())
     q = QuantizedLinear(128, 48, bias=True, group_size=64, bits=8)

@@ -2,7 +2,8 @@
 
 The fixture checkpoint goes through the real converter (``mlx_sora.convert``) and ``load_model``.
 fp32 tolerance: max|mlx - ref| / max|ref| <= 1e-5 (reached: ~2e-6) and the README's elementwise
-|a - r| <= 1e-4 + 1e-4 |r|. bf16: see ``test_bf16_outputs``.
+|a - r| <= 1e-4 + 1e-4 |r| on the CPU, 10x both on a GPU (tests/tolerances.py). bf16: see
+``test_bf16_outputs``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tolerances import f32, on_gpu
 
 import mlx_sora
 from mlx_sora.io.checkpoint import CheckpointError, CheckpointFolder
@@ -37,9 +39,9 @@ def _np(a: mx.array) -> np.ndarray:
 def assert_close(got: mx.array, ref: mx.array, name: str, rel_tol: float = REL_TOL) -> float:
     g, r = _np(got).reshape(_np(ref).shape), _np(ref)
     err = np.abs(g - r)
-    rel = float(err.max() / np.abs(r).max())
+    rel, rel_tol = float(err.max() / np.abs(r).max()), f32(rel_tol)
     assert rel <= rel_tol, f"{name}: max|mlx-ref|/max|ref| = {rel:.3g} > {rel_tol}"
-    assert np.all(err <= 1e-4 + 1e-4 * np.abs(r)), f"{name}: max abs err {err.max():.3g}"
+    assert np.all(err <= f32(1e-4) + f32(1e-4) * np.abs(r)), f"{name}: max abs err {err.max():.3g}"
     return rel
 
 
@@ -157,6 +159,7 @@ def test_config_validation():
 # ------------------------------------------------------------------------------ fp32 parity
 
 
+@pytest.mark.gpu
 def test_intermediates(model, io):
     ref = mx.load(str(FIXTURES / "stdit3_intermediates.safetensors"))
     c = model.config
@@ -180,6 +183,7 @@ def test_intermediates(model, io):
     assert_close(model.final_layer(x, state.t), ref["final_layer.out"], "final_layer")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["plain", "xmask", "cfg"])
 def test_outputs(model, io, case):
     out = _call(model, io, case)
@@ -187,6 +191,7 @@ def test_outputs(model, io, case):
     assert_close(out, io[f"{case}.out"], case)
 
 
+@pytest.mark.gpu
 def test_cfg_null_caption_and_mask_repeat(model, io):
     b = io["plain.x"].shape[0]
     assert_close(model.null_caption(b), io["cfg.y_null"], "null_caption")
@@ -198,6 +203,7 @@ def test_cfg_null_caption_and_mask_repeat(model, io):
     assert np.array_equal(_np(a), _np(b2))
 
 
+@pytest.mark.gpu
 def test_unit_by_unit_with_per_unit_weights(converted, model, io):
     """The chain a streamer runs: each unit's weights come from its own file, loaded just before it."""
     from mlx_sora.conversion.loading import load_weight_files, read_converted_config
@@ -218,6 +224,7 @@ def test_unit_by_unit_with_per_unit_weights(converted, model, io):
     np.testing.assert_array_equal(_np(out), _np(_call(model, io, "xmask", merge=True)))
 
 
+@pytest.mark.gpu
 def test_input_variants(model, io):
     base = _call(model, io, "plain")
     # y as [B, L, C]; x_mask all True (reference: bit-exact with no x_mask)
@@ -229,7 +236,7 @@ def test_input_variants(model, io):
     y = mx.where(io["plain.mask"][:, None, :, None] != 0, io["plain.y"], 100.0)
     alt = model(io["plain.x"], io["plain.timestep"], y, mask=io["plain.mask"],
                 fps=io["plain.fps"], height=io["plain.height"], width=io["plain.width"])
-    np.testing.assert_allclose(_np(alt), _np(base), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(_np(alt), _np(base), rtol=0, atol=f32(1e-6))
 
 
 def test_bad_inputs(model, io):
@@ -247,6 +254,7 @@ def test_bad_inputs(model, io):
 # ------------------------------------------------------------------------------ bf16
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["bf16", "bf16_cfg"])
 def test_bf16_outputs(tmp_path_factory, io, meta, case):
     """bf16 weights (converted with dtype=bfloat16) against the reference's bf16 run.
@@ -267,6 +275,7 @@ def test_bf16_outputs(tmp_path_factory, io, meta, case):
     assert np.abs(out - ref_fp32).max() <= 1.5 * meta["bf16_vs_fp32_maxabs"]["plain" if case == "bf16" else "cfg"]
 
 
+@pytest.mark.gpu
 def test_bf16_timestep_is_rounded_like_the_reference(tmp_path_factory, io):
     """417.5 -> 418 in bf16: the bf16 model gives the same output for both timesteps."""
     folder = tmp_path_factory.mktemp("stdit3_bf16_t") / "bf16"
@@ -290,11 +299,13 @@ def _tdtm_call(model, tdtm, x, merge):
                  width=tdtm["width"], merge=merge)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("T", [8, 7, 15])
 def test_tdtm_merged_outputs(model, tdtm, T):
     assert_close(_tdtm_call(model, tdtm, tdtm[f"T{T}.x"], merge=True), tdtm[f"T{T}.merged_out"], f"T{T} merged")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("T", [8, 7, 15, 6, 5])
 def test_tdtm_inactive_is_the_reference(model, tdtm, T):
     out = _tdtm_call(model, tdtm, tdtm[f"T{T}.x"], merge=False)
@@ -302,10 +313,11 @@ def test_tdtm_inactive_is_the_reference(model, tdtm, T):
     assert_close(out, tdtm[f"T{T}.ref_out"], f"T{T} reference")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("case", ["plain", "cfg", "tdtm"])
 def test_chunked_layers_equal_unchunked(model, io, tdtm, case, monkeypatch):
     """Self-attention, cross-attention and MLP a few sequences / tokens at a time (what bounds a
-    block's activation peak at full size) give the very same numbers, which are the reference's."""
+    block's activation peak at full size) give the very same numbers (CPU), which are the reference's."""
     if case == "tdtm":
         call, ref = lambda: _tdtm_call(model, tdtm, tdtm["T8.x"], merge=True), tdtm["T8.merged_out"]
     else:
@@ -324,7 +336,10 @@ def test_chunked_layers_equal_unchunked(model, io, tdtm, case, monkeypatch):
     with stdit3_layers.chunked_layers(8_000):
         out = call()
     assert min(chunks) >= 2  # every chunked layer (attention, cross-attention, MLP) ran in chunks
-    np.testing.assert_array_equal(_np(out), whole)
+    if on_gpu():  # other matrix shapes pick other GPU GEMM kernels (split sums): equal within float32
+        assert_close(out, mx.array(whole), f"{case} chunked vs whole")
+    else:
+        np.testing.assert_array_equal(_np(out), whole)
     assert_close(out, ref, case)
 
 
@@ -380,6 +395,7 @@ def test_tdtm_merge_unmerge_rule(T):
         assert T % 4 in (1, 2) or T == 31
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 2, 3, 5, 15, 20, 30])
 def test_tdtm_runs_for_practical_lengths(model, tdtm, T):
     x = mx.random.normal((2, 4, T, 4, 5), key=mx.random.key(T))

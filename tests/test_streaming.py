@@ -89,6 +89,17 @@ def test_plan_turns_overlap_off_then_refuses_naming_the_minimum():
     assert "at least 250 MiB" in message and "denoising at 64x64" in message and "block_0" in message
 
 
+def test_cache_limit_keeps_a_floor_of_the_largest_unit_and_the_activations():
+    """MLX's buffer cache limit for a phase: what the budget leaves beyond the expected peak, but never
+    less than the largest unit + the activations (with ~0, Metal would allocate every buffer afresh)."""
+    sizes = [UnitSize(f"block_{i}", 100 * MIB, 50 * MIB, uses=30) for i in range(6)]
+    tight = plan_phase("denoising", sizes, 700 * MIB, baseline=100 * MIB, activations=50 * MIB)
+    assert tight.largest_unit == 100 * MIB and 0 <= tight.budget - tight.expected_peak < 150 * MIB
+    assert tight.cache_limit() == 150 * MIB
+    roomy = plan_phase("denoising", sizes, 4000 * MIB, baseline=100 * MIB, activations=50 * MIB)
+    assert roomy.cache_limit() == roomy.budget - roomy.expected_peak > 150 * MIB
+
+
 # ---------------------------------------------------------------- streamed == resident, bit for bit
 
 
@@ -113,6 +124,7 @@ def _stdit_inputs(merge: bool) -> dict:
                 fps=io["plain.fps"], height=io["plain.height"], width=io["plain.width"], merge=merge)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("merge", [False, True], ids=["plain", "tdtm"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlap"])
 def test_streamed_stdit3_equals_resident(stdit_folder, merge, overlap):
@@ -125,6 +137,7 @@ def test_streamed_stdit3_equals_resident(stdit_folder, merge, overlap):
     assert weights.stats.loads == 2 * len(model.units) + overlap  # + the next pass's first unit, prefetched
 
 
+@pytest.mark.gpu
 def test_resident_units_load_one_ahead_on_the_first_pass(stdit_folder):
     """Resident units are not all loaded before the phase computes: each loads while the one before
     it runs (the first pass), then stays; the numbers are the resident ones."""
@@ -144,6 +157,7 @@ def test_resident_units_load_one_ahead_on_the_first_pass(stdit_folder):
     assert set(weights.stats.waited_by_unit) == set(plan.resident)
 
 
+@pytest.mark.gpu
 def test_streamed_t5_equals_resident(t5_folder):
     ids = np.array([[5, 6, 7, 1, 0, 0], [8, 9, 1, 0, 0, 0]])
     mask = (ids > 0).astype(np.int64)
@@ -154,6 +168,7 @@ def test_streamed_t5_equals_resident(t5_folder):
     np.testing.assert_array_equal(np.array(out), expected)
 
 
+@pytest.mark.gpu
 def test_bfloat16_embedding_table_is_held_as_stored_and_gives_the_same_numbers(t5_folder, tmp_path):
     """A bfloat16 T5 computed in float32 keeps its token embedding bfloat16 (the looked-up rows are
     cast): half the bytes to load, the same output as casting the whole table first."""
@@ -176,6 +191,7 @@ def test_bfloat16_embedding_table_is_held_as_stored_and_gives_the_same_numbers(t
     assert embed.bytes == embed.read_bytes  # what the plan counts is what is held
 
 
+@pytest.mark.gpu
 def test_streamed_vae_decode_equals_resident(vae_folder):
     z = mx.random.normal((1, 4, 5, 6, 8), key=mx.random.key(3))
     resident = mlx_sora.load_model(vae_folder)
@@ -188,11 +204,16 @@ def test_streamed_vae_decode_equals_resident(vae_folder):
     np.testing.assert_array_equal(np.array(out), expected)
 
 
-def test_pipeline_with_tight_budget_equals_no_budget(tiny_model_folder):
+@pytest.mark.gpu
+def test_pipeline_with_tight_budget_equals_no_budget(tiny_model_folder, monkeypatch):
     kw = dict(resolution="144p", aspect_ratio="1:1", num_frames=17, steps=3, seed=1, tdtm_steps=2)
     free = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget=None).generate("a cat", **kw)
     tight = Pipeline.from_pretrained(tiny_model_folder, dtype="float32", memory_budget="64GB")
+    limits = []
+    set_cache_limit = mx.set_cache_limit
+    monkeypatch.setattr(mx, "set_cache_limit", lambda limit: limits.append(limit) or set_cache_limit(limit))
     result = tight.generate("a cat", **kw)
+    assert [p.cache_limit() for p in result.plans] == limits[2:5]  # (after the run's own save and restore)
     np.testing.assert_array_equal(np.array(result.latent), np.array(free.latent))
     np.testing.assert_array_equal(result.videos[0], free.videos[0])
     assert result.within_budget and result.phases[0].loads > 0
@@ -223,6 +244,7 @@ def _medium_inputs() -> dict:
                 height=mx.array([64.0]), width=mx.array([64.0]))
 
 
+@pytest.mark.gpu
 def test_eviction_returns_active_memory_to_its_baseline(medium_stdit):
     model, weights = streamed(medium_stdit, overlap=False)
     inputs = _medium_inputs()
@@ -244,8 +266,9 @@ def test_eviction_returns_active_memory_to_its_baseline(medium_stdit):
 
 
 def test_freed_memory_is_given_back_only_when_reusing_it_would_not_do(stdit_folder, monkeypatch):
-    """After a streamed unit, the heap's freed memory is given back to the OS only when the next
-    unit's weights and activations, after reusing it, would still push the RSS over the budget."""
+    """After a streamed unit, the freed memory the process holds (heap, MLX's cache) is given back to
+    the OS only when the next unit's weights and activations, after reusing it, would still push the
+    process's memory (RSS / footprint) over the budget."""
     import mlx_sora.runtime.streaming as streaming
 
     model = mlx_sora.load_model(stdit_folder, lazy=True)
@@ -254,22 +277,23 @@ def test_freed_memory_is_given_back_only_when_reusing_it_would_not_do(stdit_fold
     plan = plan_phase("test", sizes, budget, baseline=0, activations=100 * MIB, overlap=False)
     weights = StreamingWeights(model, stdit_folder, plan, mx.float32)
     upcoming = plan.activations + plan.stream_buffer_bytes
-    monkeypatch.setattr(streaming, "process_rss", lambda: budget - upcoming // 2)
-    monkeypatch.setattr(streaming, "kept_free_cpu_memory", lambda: upcoming)  # all of it reusable
+    monkeypatch.setattr(streaming, "process_memory", lambda: budget - upcoming // 2)
+    monkeypatch.setattr(streaming, "reusable_memory", lambda: upcoming)  # all of it reusable
     assert not weights._memory_tight()
-    monkeypatch.setattr(streaming, "kept_free_cpu_memory", lambda: upcoming // 4)  # reuse is not enough
+    monkeypatch.setattr(streaming, "reusable_memory", lambda: upcoming // 4)  # reuse is not enough
     assert weights._memory_tight()
-    monkeypatch.setattr(streaming, "process_rss", lambda: budget - upcoming)
-    monkeypatch.setattr(streaming, "kept_free_cpu_memory", lambda: 0)
+    monkeypatch.setattr(streaming, "process_memory", lambda: budget - upcoming)
+    monkeypatch.setattr(streaming, "reusable_memory", lambda: 0)
     assert not weights._memory_tight()  # room for all of it anyway
-    # a streamed unit prefetched while the last one ran is in the RSS already: not counted again
+    # a streamed unit prefetched while the last one ran is counted in the process already: not again
     prefetched = sum(a.nbytes for a in weights._issue(plan.streamed[0]))
-    monkeypatch.setattr(streaming, "process_rss", lambda: budget - upcoming + prefetched)
+    monkeypatch.setattr(streaming, "process_memory", lambda: budget - upcoming + prefetched)
     assert not weights._memory_tight()
     weights.close()
     assert weights._memory_tight()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("overlap", [False, True])
 def test_peak_stays_within_the_plan(medium_stdit, overlap):
     model = mlx_sora.load_model(medium_stdit, lazy=True)
@@ -337,6 +361,36 @@ def test_cli_too_small_budget_is_one_clear_line(tiny_model_folder, tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.strip() == (
         "error: memory budget 'lots' is not a size; write e.g. 3.3GB, 800MB, 2GiB or none")
+
+
+def _threads() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+    except OSError:
+        return None
+
+
+def _new_stream_index() -> int:
+    return int(repr(mx.new_stream(mx.cpu)).rsplit(",", 1)[1].rstrip(") "))  # "Stream(Device(cpu, 0), 7)"
+
+
+def test_fifty_streamers_add_no_streams_or_threads(stdit_folder):
+    """The loader's streams are made once per process (MLX never frees a stream, and each CPU stream
+    has a thread of its own): 50 more streamers, each loading a unit, add none."""
+    def one_streamer() -> None:
+        model, weights = streamed(stdit_folder)
+        weights.materialize(model.units[0].name)
+        weights.close()
+
+    one_streamer()
+    probe = _new_stream_index()
+    threads = _threads()
+    for _ in range(50):
+        one_streamer()
+    assert _new_stream_index() == probe + 1  # only the second probe was made
+    if threads is not None:
+        assert _threads() == threads
 
 
 @pytest.mark.parametrize("damage", ["truncate", "delete"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 from mlx.utils import tree_flatten, tree_map
+from tolerances import f32
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 import mlx_sora
@@ -195,6 +196,7 @@ def test_xxl_parameter_count_without_allocating():
 # ---------------------------------------------------------------- parity with transformers
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("feed_forward_proj", ["gated-gelu", "relu"])
 def test_fp32_parity_with_transformers(feed_forward_proj):
     ref_model = randomize(transformers.T5EncoderModel(hf_config(feed_forward_proj)), seed=1)
@@ -204,19 +206,21 @@ def test_fp32_parity_with_transformers(feed_forward_proj):
     out = np.array(model(mx.array(ids), mx.array(mask)))
     valid = mask.astype(bool)
     assert out.shape == (3, SEQ_LEN, 64) and out.dtype == np.float32
-    assert rel_err(out, ref, valid) <= 1e-5
-    assert rel_err(out, ref, ~valid) <= 1e-5  # padded rows are computed by the reference too
+    assert rel_err(out, ref, valid) <= f32(1e-5)
+    assert rel_err(out, ref, ~valid) <= f32(1e-5)  # padded rows are computed by the reference too
     # numpy inputs work the same
     np.testing.assert_array_equal(np.array(model(ids, mask)), out)
 
 
+@pytest.mark.gpu
 def test_gated_silu_variant():
     ref_model = randomize(transformers.T5EncoderModel(hf_config("gated-silu")), seed=2)
     ids, mask = inputs(140, seed=3)
     out = np.array(encoder_from(ref_model)(ids, mask))
-    assert rel_err(out, reference(ref_model, ids, mask)) <= 1e-5
+    assert rel_err(out, reference(ref_model, ids, mask)) <= f32(1e-5)
 
 
+@pytest.mark.gpu
 def test_padding_does_not_change_valid_tokens():
     ref_model = randomize(transformers.T5EncoderModel(hf_config()), seed=4)
     model = encoder_from(ref_model)
@@ -224,12 +228,13 @@ def test_padding_does_not_change_valid_tokens():
     batched = np.array(model(ids, mask))
     for row, n in enumerate(LENGTHS):
         alone = np.array(model(ids[row : row + 1, :n], mask[row : row + 1, :n]))[0]
-        assert rel_err(batched[row, :n], alone) <= 1e-5
+        assert rel_err(batched[row, :n], alone) <= f32(1e-5)
     # without a mask, all keys count (as in transformers)
     no_mask = np.array(model(ids))
-    assert rel_err(no_mask, reference(ref_model, ids, np.ones_like(mask))) <= 1e-5
+    assert rel_err(no_mask, reference(ref_model, ids, np.ones_like(mask))) <= f32(1e-5)
 
 
+@pytest.mark.gpu
 def test_units_one_by_one_equal_the_whole():
     model = encoder_from(randomize(transformers.T5EncoderModel(hf_config()), seed=6))
     ids, mask = inputs(140, seed=7)
@@ -243,6 +248,7 @@ def test_units_one_by_one_equal_the_whole():
     np.testing.assert_array_equal(np.array(carry), np.array(model(ids, mask)))
 
 
+@pytest.mark.gpu
 def test_bfloat16_storage_with_float32_compute():
     """bf16 weights computed in fp32 == transformers fp32 on the bf16-rounded weights."""
     ref_model = randomize(transformers.T5EncoderModel(hf_config()), seed=8)
@@ -253,9 +259,10 @@ def test_bfloat16_storage_with_float32_compute():
     ids, mask = inputs(140, seed=9)
     out = model(ids, mask)
     assert out.dtype == mx.float32
-    assert rel_err(np.array(out), reference(ref_model, ids, mask)) <= 1e-5
+    assert rel_err(np.array(out), reference(ref_model, ids, mask)) <= f32(1e-5)
 
 
+@pytest.mark.gpu
 def test_bfloat16_compute_tolerance():
     """bf16 end to end, against transformers in bf16 and both against fp32.
 
@@ -303,6 +310,7 @@ def seq2seq():
     return randomize(transformers.T5ForConditionalGeneration(hf_config()), seed=13)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["sharded_bin", "safetensors"])
 def test_convert_and_load_match_transformers(tmp_path, seq2seq, spiece, layout):
     shard_bytes = 300_000 if layout == "sharded_bin" else None
@@ -326,7 +334,7 @@ def test_convert_and_load_match_transformers(tmp_path, seq2seq, spiece, layout):
     ids, mask = inputs(140, seed=14)
     ref = reference(ref_model, ids, mask)
     np.testing.assert_array_equal(reference(seq2seq.get_encoder(), ids, mask), ref)
-    assert rel_err(np.array(model(ids, mask)), ref) <= 1e-5
+    assert rel_err(np.array(model(ids, mask)), ref) <= f32(1e-5)
 
     # the tokenizer of the converted folder feeds the model
     tokens = T5Tokenizer.from_folder(out)(["the string", "a"], max_length=SEQ_LEN)
@@ -334,9 +342,10 @@ def test_convert_and_load_match_transformers(tmp_path, seq2seq, spiece, layout):
         ["the string", "a"], max_length=SEQ_LEN, padding="max_length", truncation=True)
     np.testing.assert_array_equal(tokens.input_ids, hf_tokens["input_ids"])
     got = np.array(model(tokens.input_ids, tokens.attention_mask))
-    assert rel_err(got, reference(ref_model, tokens.input_ids, tokens.attention_mask)) <= 1e-5
+    assert rel_err(got, reference(ref_model, tokens.input_ids, tokens.attention_mask)) <= f32(1e-5)
 
 
+@pytest.mark.gpu
 def test_bfloat16_conversion_and_float32_compute(tmp_path, seq2seq, spiece):
     hf_dir = save_checkpoint(seq2seq, tmp_path / "hf", spiece)
     out = mlx_sora.convert(hf_dir, tmp_path / "mlx", dtype="bfloat16")
@@ -346,9 +355,10 @@ def test_bfloat16_conversion_and_float32_compute(tmp_path, seq2seq, spiece):
     assert model.blocks[0].attention.q.weight.dtype == mx.float32 and model.compute_dtype == mx.float32
     ref_model = transformers.T5EncoderModel.from_pretrained(hf_dir).to(torch.bfloat16).to(torch.float32)
     ids, mask = inputs(140, seed=15)
-    assert rel_err(np.array(model(ids, mask)), reference(ref_model, ids, mask)) <= 1e-5
+    assert rel_err(np.array(model(ids, mask)), reference(ref_model, ids, mask)) <= f32(1e-5)
 
 
+@pytest.mark.gpu
 def test_checkpoint_with_only_the_encoder_embedding_copy(tmp_path, seq2seq, spiece):
     from safetensors.numpy import load_file, save_file
 
@@ -359,7 +369,7 @@ def test_checkpoint_with_only_the_encoder_embedding_copy(tmp_path, seq2seq, spie
     save_file(state, weights_file, metadata={"format": "pt"})
     model = mlx_sora.load_model(mlx_sora.convert(hf_dir, tmp_path / "mlx"))
     ids, mask = inputs(140, seed=16)
-    assert rel_err(np.array(model(ids, mask)), reference(seq2seq.get_encoder(), ids, mask)) <= 1e-5
+    assert rel_err(np.array(model(ids, mask)), reference(seq2seq.get_encoder(), ids, mask)) <= f32(1e-5)
 
 
 def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path, seq2seq, spiece):

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from tolerances import f32
 
 import mlx_sora
 from mlx_sora.conversion.loading import expected_parameters, read_converted_config
@@ -23,14 +24,14 @@ BF16_DEVIATION = json.loads((FIXTURES / "vae_v12_meta.json").read_text())["bf16_
 
 
 def tolerance(ref: mx.array) -> float:
-    return 1e-4 * max(1.0, float(mx.abs(ref).max()))  # fixtures README, VAE outputs
+    return f32(1e-4) * max(1.0, float(mx.abs(ref).max()))  # fixtures README, VAE outputs
 
 
 def assert_close(ours: mx.array, ref: mx.array, what: str) -> None:
     assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
     err = float(mx.abs(ours.astype(mx.float32) - ref).max())
     assert err <= tolerance(ref), f"{what}: max abs err {err}"
-    assert err / float(mx.abs(ref).max()) < 1e-5, f"{what}: relative err {err / float(mx.abs(ref).max())}"
+    assert err / float(mx.abs(ref).max()) < f32(1e-5), f"{what}: relative err {err / float(mx.abs(ref).max())}"
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,7 @@ def encode_io() -> dict[str, mx.array]:
     return mx.load(str(FIXTURES / "vae_v12_encode.safetensors"))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("frames", [1, 17, 34, 51])
 def test_decode_matches_reference(vae, decode_io, frames):
     video = vae.decode(decode_io[f"nf{frames}.z"], num_frames=frames)
@@ -60,7 +62,8 @@ def test_decode_matches_reference(vae, decode_io, frames):
 
 
 @pytest.mark.parametrize("frames", [17, 51])
-def test_decode_matches_reference_with_winograd_on_every_conv(vae, decode_io, encode_io, frames, monkeypatch):
+def test_decode_matches_reference_with_winograd_on_every_conv(vae, decode_io, encode_io, frames, monkeypatch,
+                                                                cpu_fast_path):
     # the fixture VAE is narrower than winograd.MIN_CHANNELS: lower it so that every 3x3 convolution
     # of both decoders (and encoders) takes the F(2x2, 3x3) path, at the same tolerance
     calls = []
@@ -73,23 +76,27 @@ def test_decode_matches_reference_with_winograd_on_every_conv(vae, decode_io, en
     assert_close(vae.encode(encode_io["nf17.x"]), encode_io["nf17.z"], "winograd encode nf17")
 
 
+@pytest.mark.gpu
 def test_temporal_decode_output_matches_reference(vae, decode_io):
     z = decode_io["nf17.z"].transpose(0, 2, 3, 4, 1) * vae.scale + vae.shift
     x_z = vae.temporal_vae.decode(z, num_frames=17).transpose(0, 4, 1, 2, 3)
     assert_close(x_z, decode_io["nf17.x_z"], "nf17 x_z")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("frames", [1, 17, 34])
 def test_encode_matches_reference(vae, encode_io, frames):
     assert_close(vae.encode(encode_io[f"nf{frames}.x"]), encode_io[f"nf{frames}.z"], f"encode nf{frames}")
 
 
+@pytest.mark.gpu
 def test_spatial_encode_matches_reference(vae, encode_io):
     x = encode_io["nf17.x"].transpose(0, 2, 3, 4, 1)[0]  # [T, H, W, 3]
     x_z = vae.spatial_vae.encode(x) * vae.config.spatial_scaling_factor
     assert_close(x_z.transpose(3, 0, 1, 2)[None], encode_io["nf17.x_z"], "nf17 spatial x_z")
 
 
+@pytest.mark.gpu
 def test_bf16_decode_within_reference_bf16_deviation(converted, decode_io):
     vae = mlx_sora.load_model(converted, dtype="bfloat16")
     video = vae.decode(decode_io["nf17.z"].astype(mx.bfloat16), num_frames=17)
@@ -102,23 +109,25 @@ def test_bf16_decode_within_reference_bf16_deviation(converted, decode_io):
     assert float(mx.abs(video - decode_io["nf17.video"]).mean()) <= 1.5 * ref_mean_dev
 
 
+@pytest.mark.gpu
 def test_partial_last_chunk_is_independent(vae, decode_io):
     # 20 frames = one full 17-frame chunk (5 latents) + a 3-frame chunk (1 latent), decoded independently
     z = decode_io["nf34.z"][:, :, :6]
     video = vae.decode(z, num_frames=20)
     assert video.shape == (1, 3, 20, 24, 32)
-    assert mx.allclose(video[:, :, :17], vae.decode(z[:, :, :5], num_frames=17), rtol=0, atol=1e-6)
-    assert mx.allclose(video[:, :, 17:], vae.decode(z[:, :, 5:], num_frames=3), rtol=0, atol=1e-6)
+    assert mx.allclose(video[:, :, :17], vae.decode(z[:, :, :5], num_frames=17), rtol=0, atol=f32(1e-6))
+    assert mx.allclose(video[:, :, 17:], vae.decode(z[:, :, 5:], num_frames=3), rtol=0, atol=f32(1e-6))
     assert mx.allclose(video[:, :, :17], decode_io["nf34.video"][:, :, :17], rtol=0, atol=tolerance(video))
 
 
+@pytest.mark.gpu
 def test_micro_batch_size_and_chunks_do_not_change_the_result(vae, decode_io):
     z, ref = decode_io["nf34.z"], decode_io["nf34.video"]
     baseline = vae.decode(z, num_frames=34)
     try:
         for size in (1, 3, 17, None):
             vae.micro_batch_size = size
-            assert float(mx.abs(vae.decode(z, num_frames=34) - baseline).max()) <= 1e-5 * float(mx.abs(ref).max())
+            assert float(mx.abs(vae.decode(z, num_frames=34) - baseline).max()) <= f32(1e-5) * float(mx.abs(ref).max())
         vae.micro_batch_size = 4
         pieces = list(vae.decode_chunks(z, num_frames=34))
         assert [p.shape[2] for p in pieces] == [4, 4, 4, 4, 1] * 2
@@ -132,13 +141,15 @@ def test_micro_batch_size_and_chunks_do_not_change_the_result(vae, decode_io):
         vae.micro_batch_size = 4
 
 
+@pytest.mark.gpu
 def test_batch_of_two(vae, decode_io):
     z = mx.concatenate([decode_io["nf17.z"], decode_io["nf17.z"][:, :, ::-1]], axis=0)
     video = vae.decode(z, num_frames=17)
     assert_close(video[:1], decode_io["nf17.video"], "batch row 0")
-    assert mx.allclose(video[1:], vae.decode(z[1:], num_frames=17), rtol=0, atol=1e-5)
+    assert mx.allclose(video[1:], vae.decode(z[1:], num_frames=17), rtol=0, atol=f32(1e-5))
 
 
+@pytest.mark.gpu
 def test_tiled_pipeline_decode(vae, decode_io):
     z = decode_io["nf17.z"][:, :, :5]
     untiled = vae.decode(z, num_frames=17)
@@ -151,7 +162,7 @@ def test_tiled_pipeline_decode(vae, decode_io):
             z.transpose(0, 2, 3, 4, 1) * vae.scale + vae.shift, num_frames=17
         )[0] / vae.config.spatial_scaling_factor
         per_frame = vae.spatial_vae.tiled_decode(x_z, 2, 1)  # tested against diffusers in test_vae_spatial
-        assert mx.allclose(tiled, per_frame.transpose(3, 0, 1, 2)[None], rtol=0, atol=1e-5)
+        assert mx.allclose(tiled, per_frame.transpose(3, 0, 1, 2)[None], rtol=0, atol=f32(1e-5))
         # tiling is in effect: tiles this small (16 px) see their own GroupNorm statistics
         assert float(mx.abs(tiled - untiled).max() / mx.abs(untiled).max()) > 1e-3
         with pytest.raises(ValueError, match="overlap < tile_size"):

@@ -1,4 +1,5 @@
-"""winograd.conv3x3 (F(2x2, 3x3)) against float64 convolutions, the tap-by-tap product and nn.Conv*."""
+"""winograd.conv3x3 (F(2x2, 3x3)) against float64 convolutions, the tap-by-tap product and nn.Conv*: a
+CPU fast-path kernel, tested on the CPU device with the fast path on (``cpu_fast_path``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from mlx_sora.models import fast_ops, winograd
 from mlx_sora.models.conv import conv_by_taps
 from mlx_sora.models.vae_spatial import Conv2d
 from mlx_sora.models.vae_temporal import CausalConv3d
+
+pytestmark = pytest.mark.usefixtures("cpu_fast_path")
 
 
 def reference(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, time_padding: tuple[int, int]) -> np.ndarray:

@@ -34,7 +34,7 @@ from ..models.units import Unit, unit_for_key
 from ..planning import GenerationPlanner, PlannedPhase
 from ..prompts.tokenizer import T5Tokenizer
 from ..request import GenerationRequest
-from ..runtime.memory import max_rss_bytes
+from ..runtime.memory import peak_process_memory
 from ..runtime.streaming import MemoryBudgetError, UnitSize, format_bytes
 from ..sampling import DynamicLeap, FixedLeap, SamplerConfig, sampling_timesteps
 from . import stdit3 as coreml_stdit3
@@ -95,7 +95,7 @@ class ExportResult:
     folder: Path
     units: list[UnitReport] = field(default_factory=list)
     seconds: float = 0.0
-    max_rss: int = 0
+    process_peak: int = 0
 
     def bytes_per_component(self) -> dict[str, int]:
         out = {c: 0 for c in COMPONENTS}
@@ -313,7 +313,7 @@ def export(plan: ExportPlan, out: Path, overwrite: bool = False,
                 text_outputs = {**next(iter(carries.values()))}
         write_manifest(tmp, _manifest_data(plan, records, ct.__version__))
     result.seconds = time.perf_counter() - start
-    result.max_rss = max_rss_bytes()
+    result.process_peak = peak_process_memory()
     return result
 
 

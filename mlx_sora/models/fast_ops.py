@@ -326,12 +326,15 @@ class CpuParallel:
             _ROW_PARTS.reset(token)
 
     def run(self, layer: Callable[[mx.array], mx.array], parts: list[mx.array]) -> list[mx.array]:
-        """``layer`` on every part, evaluated. A layer with ``steps(x)`` (a generator of its
-        intermediate results, the last one its output) is evaluated step by step, all parts' step k
-        together: MLX enqueues one evaluation's graph depth first and caps the tasks in flight, so a
-        whole layer per part would run the parts mostly one after the other (a VAE resnet at
-        4 x 192 x 192: 1.03-1.18 s as one graph, 0.67 s step by step)."""
-        steps = getattr(layer, "steps", None)
+        """``layer`` on every part, evaluated. With several streams, a layer with ``steps(x)`` (a
+        generator of its intermediate results, the last one its output) is evaluated step by step,
+        all parts' step k together: MLX enqueues one evaluation's graph depth first and caps the tasks
+        in flight, so a whole layer per part would run the parts mostly one after the other (a VAE
+        resnet at 4 x 192 x 192: 1.03-1.18 s as one graph, 0.67 s step by step). With one stream (a
+        GPU, the fast path off, one core) there is nothing to interleave: the whole layer is one
+        evaluation (on Metal one command buffer instead of a sync per step; the same operations, so
+        the same numbers)."""
+        steps = getattr(layer, "steps", None) if self.parts > 1 else None
         if steps is None:
             out = self.map(layer, parts)
             mx.eval(out)

@@ -25,7 +25,7 @@ import mlx.core as mx
 
 from ..conditioning import extract_prompt_json
 from ..errors import UserError
-from ..runtime.memory import PhaseReport, measure_phase, process_rss, release_freed_cpu_memory
+from ..runtime.memory import PhaseReport, measure_phase, process_memory, release_freed_cpu_memory
 from ..runtime.streaming import PhasePlan, UnitSize, plan_phase
 from .text import merge_prompt, split_prompt
 
@@ -95,7 +95,7 @@ def plan_refinement(folder: Path, budget: int | None, max_tokens: int) -> PhaseP
     kv_cache = layers * 2 * context * kv_heads * (hidden // heads) * 2
     activations = kv_cache + 16 * context * hidden * 4 + 4 * vocab * 4
     return plan_phase("prompt refinement", [UnitSize("language model", weights, weights, 1)], budget,
-                      process_rss(), activations, overlap=False, what=f" with {folder.name}")
+                      process_memory(), activations, overlap=False, what=f" with {folder.name}")
 
 
 @dataclass

@@ -6,7 +6,8 @@ chain with the weights *materialized lazily* and *evicted* after use:
 
 * A streamed unit's weights are read from its file and cast to the compute dtype right before it
   runs, and dropped right after (the module then holds unevaluated, file-backed arrays again, which
-  own no memory; with the MLX buffer cache limited, the freed memory really returns).
+  own no memory; the freed buffers wait in MLX's cache, limited per phase by ``PhasePlan.cache_limit``,
+  for the next unit's weights, and beyond that limit go back to the OS).
 * **Concurrent loading**: while unit i computes, unit i+1's weights are read on a second MLX stream
   (``mx.async_eval``). Evaluation stays on the calling thread; MLX runs the two streams side by
   side. Before a unit runs, its weights are waited for explicitly, so the time a load was *not*
@@ -38,7 +39,7 @@ from ..conversion.loading import read_weight_map
 from ..errors import UserError
 from ..io.checkpoint import CheckpointError
 from ..models.units import Unit, held_dtype, unit_for_key
-from .memory import GIB, available_memory, kept_free_cpu_memory, process_rss, release_freed_cpu_memory
+from .memory import GIB, available_memory, process_memory, release_reusable_memory, reusable_memory
 
 MIB = 1024**2
 
@@ -80,7 +81,8 @@ def format_bytes(n: int | float) -> str:
 
 
 def default_memory_budget() -> int:
-    """80 % of the memory available now: a 16 GB Mac streams STDiT3 and T5 and just works."""
+    """80 % of the memory available now (``memory.available_memory``: on a Mac the host's free,
+    inactive and purgeable pages, plus what this process holds)."""
     return int(0.8 * available_memory())
 
 
@@ -143,11 +145,22 @@ class PhasePlan:
     stream_buffer_bytes: int = 0
     """Streamed weights held at once: the running unit (+ the next one, loading, with overlap; or a
     resident unit as read, loading on the first pass)."""
+    largest_unit: int = 0
+    """The largest unit's weights as held (bytes)."""
     notes: list[str] = field(default_factory=list)
 
     @property
     def expected_peak(self) -> int:
         return self.baseline + self.activations + self.resident_bytes + self.stream_buffer_bytes
+
+    def cache_limit(self) -> int:
+        """MLX's buffer cache limit for the phase: what the budget leaves beyond the expected peak, but
+        at least the largest unit + the activations. Why the floor: the cache is where a unit's freed
+        weights and activations wait for the next unit's, which have the same shapes; with ~0 left (a
+        tight plan, the iPhone profile) Metal would allocate every buffer afresh. It does not raise
+        the peak: the plan already counts that memory as in use, and the next unit takes it back."""
+        assert self.budget is not None
+        return max(self.budget - self.expected_peak, self.largest_unit + self.activations)
 
     def summary(self) -> str:
         budget = "none (whole model resident)" if self.budget is None else format_bytes(self.budget)
@@ -206,9 +219,11 @@ def plan_phase(
     even streaming every unit one at a time does not fit.
     """
     names = tuple(s.name for s in sizes)
+    largest_unit = max((s.bytes for s in sizes), default=0)
     if budget is None:
         total = sum(s.bytes for s in sizes)
-        return PhasePlan(phase, None, baseline, activations, names, (), False, resident_bytes=total)
+        return PhasePlan(phase, None, baseline, activations, names, (), False, resident_bytes=total,
+                         largest_unit=largest_unit)
 
     def transient(s: UnitSize) -> int:
         """The unit's weights as read, held while they are cast (none when read as held)."""
@@ -252,7 +267,7 @@ def plan_phase(
         phase, budget, baseline, activations,
         tuple(s.name for s in sizes if s in resident), tuple(s.name for s in streamed), use_overlap,
         resident_bytes=sum(s.bytes for s in resident), stream_buffer_bytes=buffer(streamed, resident, use_overlap),
-        notes=notes,
+        largest_unit=largest_unit, notes=notes,
     )
 
 
@@ -272,6 +287,20 @@ class LoadStats:
     def waited(self) -> float:
         """Seconds the chain waited for weights (load time not hidden behind compute)."""
         return sum(self.waited_by_unit.values())
+
+
+_LOADER_STREAMS: dict[mx.DeviceType, tuple[mx.ThreadLocalStream, mx.ThreadLocalStream]] = {}
+
+
+def loader_streams(device: mx.Device) -> tuple[mx.ThreadLocalStream, mx.ThreadLocalStream]:
+    """The streams weights are read on (CPU) and cast on (the compute device), made once per process
+    (MLX never frees a stream, and each CPU stream has its own thread); thread-local, as an MLX stream
+    may only be used on the thread that made it."""
+    if device.type not in _LOADER_STREAMS:
+        read = mx.new_thread_local_stream(mx.cpu)
+        cast = read if device.type == mx.cpu else mx.new_thread_local_stream(device)
+        _LOADER_STREAMS[device.type] = (read, cast)
+    return _LOADER_STREAMS[device.type]
 
 
 class StreamingWeights:
@@ -301,9 +330,7 @@ class StreamingWeights:
         self._streamed = set(plan.streamed)
         self._ready: dict[str, list[mx.array]] = {}  # unit -> arrays being or already materialized
         self._order: list[str] = []  # streamed units in the order they ran (learnt on the first pass)
-        device = mx.default_device()
-        self._read_stream = mx.new_stream(mx.cpu)
-        self._cast_stream = self._read_stream if device == mx.cpu else mx.new_stream(device)
+        self._read_stream, self._cast_stream = loader_streams(mx.default_device())
 
     # ------------------------------------------------------------ materializing
 
@@ -381,26 +408,27 @@ class StreamingWeights:
             lazy.update(_load_file(self.folder / file, self._read_stream))
         self.model.update(tree_unflatten([(k, lazy[k]) for k in self._keys[name]]))
         if self._memory_tight():
-            release_freed_cpu_memory()  # the evicted weights' pages go back to the OS (the budget counts RSS)
+            release_reusable_memory()  # the evicted weights' pages go back to the OS (the budget counts them)
 
     def _memory_tight(self) -> bool:
-        """Whether memory the process keeps for reuse (``memory.keep_freed_cpu_memory``) could push it
-        over the budget during the next unit. Only then is it given back: ``malloc_trim`` holds the
+        """Whether memory the process keeps for reuse (``memory.reusable_memory``: the CPU heap's,
+        ``memory.keep_freed_cpu_memory``, and MLX's buffer cache on Metal) could push it over the
+        budget during the next unit. Only then is it given back: ``malloc_trim`` holds the
         allocator's lock while it returns the pages, stalling the loader, and the next unit faults
         them in again (T5-XXL text encoding, overlapped, 256x256x68: 9.9 s waiting for weights with
         a trim after every unit, 0.6 s without).
 
-        The next unit's weights and activations first reuse the free memory the heap holds (it is
-        already in the RSS); only the rest grows the process. (Counting the RSS and the next unit in
-        full trimmed after every unit at 2 GB: T5-XXL at 256x256x68 waited 21.7 s for weights, each
+        The next unit's weights and activations first reuse the free memory the process holds (it is
+        already counted in ``process_memory``); only the rest grows the process. (Counting the RSS
+        and the next unit in full trimmed after every unit at 2 GB: T5-XXL at 256x256x68 waited 21.7 s for weights, each
         unit faulting its 1.1 GB in afresh, against 3.2 s reusing the heap, max RSS 1.51 vs 1.49 GiB;
         with 3.3 GB, counting the prefetched unit twice, the text phase took 26 s instead of 21 s.)"""
         if self.plan.budget is None:
             return False
-        # a streamed unit prefetched while this one ran is in the RSS already
+        # a streamed unit prefetched while this one ran is counted in the process already
         prefetched = sum(a.nbytes for name, arrays in self._ready.items() if name in self._streamed for a in arrays)
         upcoming = self.plan.activations + max(0, self.plan.stream_buffer_bytes - prefetched)
-        return process_rss() + max(0, upcoming - kept_free_cpu_memory()) > self.plan.budget
+        return process_memory() + max(0, upcoming - reusable_memory()) > self.plan.budget
 
     def close(self) -> None:
         """Evict everything (the model keeps only unevaluated arrays)."""
