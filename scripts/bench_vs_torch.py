@@ -831,6 +831,45 @@ def agreement(out_dir: Path, name: str) -> str:
     return f"max rel. diff {np.abs(got - ref).max() / np.abs(ref).max():.1e}"
 
 
+def torch_gemm_rate(threads: int) -> float:
+    """GFLOP/s of torch's float32 GEMM of the probe's shape (``runtime.blas.PROBE_SHAPE``), in a child process
+    with ``threads`` threads and no preload (as the torch worker runs)."""
+    from mlx_sora.runtime.blas import PROBE_SHAPE
+
+    code = """
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[4]))
+m, k, n = (int(v) for v in sys.argv[1:4])
+a, b = torch.randn(m, k), torch.randn(k, n)
+a @ b
+best = float("inf")
+for _ in range(4):
+    start = time.perf_counter()
+    a @ b
+    best = min(best, time.perf_counter() - start)
+print(2 * m * k * n / best / 1e9)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    done = subprocess.run([sys.executable, "-c", code, *map(str, PROBE_SHAPE), str(threads)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    return float(done.stdout.split()[-1]) if done.returncode == 0 else float("nan")
+
+
+def print_gemm_rates(threads: int) -> None:
+    """The machine's float32 GEMM rate for torch and for MLX with every BLAS found (and the one the CLIs
+    choose), so that the tables below explain themselves."""
+    from mlx_sora.runtime.blas import PROBE_SHAPE, blas_candidates, choose_blas, probe_gemm
+
+    m, k, n = PROBE_SHAPE
+    rates = [f"torch {torch_gemm_rate(threads):.0f} ({threads} threads)"]
+    for kind, path in blas_candidates():
+        rate = probe_gemm(kind, path)
+        rates.append(f"MLX + {kind} {rate:.0f}" if rate else f"MLX + {kind} failed")
+    choice = choose_blas()
+    print(f"float32 GEMM {m}x{k} @ {k}x{n}, GFLOP/s: {', '.join(rates)}; the CLIs use "
+          f"{choice.kind if choice else 'MLX bundled'} ({choice.reason if choice else 'none found'})", flush=True)
+
+
 def print_tables(args: argparse.Namespace, results: dict[str, dict[str, dict]], out_dir: Path) -> None:
     cpu = machine_name()
     print(
@@ -953,6 +992,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.keep or tempfile.mkdtemp(prefix="bench_vs_torch_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"outputs in {out_dir}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    if args.device == "cpu":
+        print_gemm_rates(args.threads)
     results: dict[str, dict[str, dict]] = {}
     for part in args.parts:
         results[part] = {side: run_side(side, part, args, out_dir) for side in args.sides}
