@@ -33,6 +33,7 @@ instead (the disk's read speed then counts; Linux: ``posix_fadvise``, which macO
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -93,8 +94,10 @@ def prepare(out: Path, t5_layers: int) -> None:
         shapes = {k: v.shape for k, v in tree_flatten(model.parameters())}
 
         def loader(key: str, shape: tuple[int, ...]):
-            # deterministic per key (the int8 copy gets the same weights); fan-in scaled, norms at 1
-            seed = int.from_bytes(key.encode()[-8:].rjust(8, b"\0"), "little") % 2**63
+            # deterministic per key (the int8 copy gets the same weights), different for every key (a seed
+            # from the key's last bytes gave every block the same weights, which a Core ML export stores
+            # once); fan-in scaled, norms at 1
+            seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") % 2**63
             if key.endswith(("norm.weight", "norm_final.weight")) or key in ("scale",):
                 return lambda: mx.ones(shape)
             if key == "shift":
