@@ -120,21 +120,27 @@ def test_lookup_tables_are_never_compressed(tmp_path):
 
 
 def test_float16_calibration_keeps_overflowing_ops_in_float32():
-    """An op whose activations exceed float16's safe range on calibration inputs stays float32."""
+    """An op whose output, input or accumulated sum exceeds float16's safe range on calibration inputs
+    stays float32; the others are cast."""
+    from coremltools.converters.mil import Builder as mb
+
     from mlx_sora.coreml.mil import Net, f32
     from mlx_sora.coreml.package import ActivationStats, calibrate
     from mlx_sora.coreml.spec import TensorSpec, UnitFunction
 
     def build(net: Net, inputs: dict) -> dict:
-        big = net.mul(inputs["x"], f32(3000.0), "big")  # 3000 * |x| > 65504 / 8
-        return {"y": net.mul(net.sub(big, big, "zero"), f32(2.0), "small")}
+        big = net.mul(inputs["x"], f32(3000.0), "big")  # 3000 * |x| > 65504 / 8: its output
+        zero = net.sub(big, big, "zero")  # its input
+        small = net.mul(zero, f32(2.0), "small")
+        mean = mb().reduce_mean(x=inputs["y"], axes=[-1], keep_dims=True, name=net.name("mean"))  # sums 2000 x 10
+        return {"out": net.add(net.mul(mean, f32(0.5), "half"), small, "sum")}
 
-    fn = UnitFunction("main", (TensorSpec("x", (4,)),), build)
+    fn = UnitFunction("main", (TensorSpec("x", (4,)), TensorSpec("y", (1, 2000))), build)
     stats = ActivationStats()
-    calibrate(fn, {"x": np.array([1.0, -5.0, 2.0, 0.5], np.float32)}, stats)
-    assert stats.unsafe_in_fp16() == {"big"}
+    calibrate(fn, {"x": np.array([1.0, -5.0, 2.0, 0.5], np.float32), "y": np.full((1, 2000), 10.0, np.float32)}, stats)
+    assert stats.unsafe_in_fp16() == {"big", "zero", "mean"}
     model, built = convert_unit([fn], "float16", "none", stats.unsafe_in_fp16())
-    assert built.fp32_ops == ["big"]
+    assert built.fp32_ops == ["big", "mean", "zero"]
 
 
 def test_compression_option_parsing():

@@ -5,10 +5,11 @@
   shape (and per variant, e.g. TDTM), their weights stored once (identical constants of all functions
   share one blob: ``share_weights_across_functions``).
 * **Precision**: float16 where it is safe. The float32 program is replayed on calibration inputs
-  (``replay.replay_function``) and every op whose largest absolute output, or for a normalisation the
-  square of its largest input, exceeds ``FP16_SAFE`` (float16's maximum / 8: the rest is margin for
-  inputs other than the calibration's) stays float32, as do the ops a model names (``Net.fp32``);
-  coremltools' float16 pass then casts the rest (``FP16ComputePrecision`` with that op selector).
+  (``replay.replay_function``) and every op whose largest absolute output or input, or for a sum
+  (``reduce_mean``, ``reduce_sum``, ``layer_norm``'s squared deviations) the sum it accumulates,
+  exceeds ``FP16_SAFE`` (float16's maximum / 8: the rest is margin for inputs other than the
+  calibration's) stays float32, as do the ops a model names (``Net.fp32``); coremltools' float16 pass
+  then casts the rest (``FP16ComputePrecision`` with that op selector).
 * **Compression** (``COMPRESSIONS``): the weights of linear layers and convolutions only, never a
   lookup table (T5's token embedding feeds a ``gather``) and never small constants.
 """
@@ -32,7 +33,6 @@ FP16_MAX = 65504.0
 FP16_SAFE = FP16_MAX / 8
 PRECISIONS = ("float16", "float32")
 COMPRESSIONS = ("none", "int8", "palette8", "palette6", "int4")
-NORM_OPS = ("layer_norm", "reduce_mean")  # their inputs are squared inside / before them
 
 
 def deployment_target() -> Any:
@@ -61,12 +61,23 @@ def build_function(fn: UnitFunction) -> tuple[Any, Net]:
 # ---------------------------------------------------------------------------- calibration
 
 
+def _reduced_count(op: Any) -> int:
+    """How many values a reduction (or a normalisation) sums per output."""
+    shape = tuple(op.x.shape)
+    axes = op.axes.val if op.axes is not None and op.axes.val is not None else range(len(shape))
+    return int(np.prod([shape[int(a)] for a in np.atleast_1d(axes)]))
+
+
 @dataclass
 class ActivationStats:
-    """Largest absolute values seen per op name while replaying float32 calibration inputs."""
+    """The largest absolute values an op sees while the float32 program replays calibration inputs: its
+    outputs, its inputs (an input float16 cannot hold makes the op float32 too) and, for sums, the sum
+    it accumulates (a mean of 1152 values of 10 is small, their sum is not)."""
 
     output: dict[str, float] = field(default_factory=dict)
     input: dict[str, float] = field(default_factory=dict)
+    accumulated: dict[str, float] = field(default_factory=dict)
+    function_inputs: dict[str, float] = field(default_factory=dict)
     masks: set[str] = field(default_factory=set)
     """Ops whose outputs carry the attention-mask sentinel by design (``Net.masks``): not counted."""
 
@@ -77,14 +88,24 @@ class ActivationStats:
         peak = max((float(np.abs(v).max()) for v in record.outputs if np.issubdtype(v.dtype, np.floating) and v.size),
                    default=0.0)
         self.output[op.name] = max(self.output.get(op.name, 0.0), peak)
-        if op.op_type in NORM_OPS and op.x.val is not None:
-            self.input[op.name] = max(self.input.get(op.name, 0.0), float(np.abs(op.x.val).max()))
+        inputs = [v for value in op.inputs.values() for v in (value if isinstance(value, (list, tuple)) else [value])]
+        seen = [self.output.get(v.op.name, 0.0) if v.op is not None else self.function_inputs.get(v.name, 0.0)
+                for v in inputs if v.val is None]
+        entering = max(seen, default=0.0)
+        self.input[op.name] = max(self.input.get(op.name, 0.0), entering)
+        if op.op_type in ("reduce_mean", "reduce_sum"):
+            total = peak * _reduced_count(op) if op.op_type == "reduce_mean" else peak
+        elif op.op_type == "layer_norm":
+            total = entering * entering * _reduced_count(op)  # its sum of squared deviations, at most
+        else:
+            return
+        self.accumulated[op.name] = max(self.accumulated.get(op.name, 0.0), total)
 
     def unsafe_in_fp16(self) -> set[str]:
-        """Ops whose values would overflow (or come within a factor 8 of overflowing) in float16."""
-        names = {name for name, peak in self.output.items() if peak > FP16_SAFE}
-        names |= {name for name, peak in self.input.items() if peak * peak > FP16_SAFE}
-        return names
+        """Ops whose outputs, inputs or sums would overflow (or come within a factor 8 of overflowing)
+        in float16."""
+        return {name for values in (self.output, self.input, self.accumulated)
+                for name, peak in values.items() if peak > FP16_SAFE}
 
     @property
     def peak(self) -> float:
@@ -98,6 +119,9 @@ def calibrate(fn: UnitFunction, inputs: dict[str, np.ndarray], stats: Activation
     """Replay the float32 build of ``fn`` on ``inputs``, recording activations; returns its outputs."""
     function, net = build_function(fn)
     stats.masks |= net.masks
+    for name, value in inputs.items():
+        if np.issubdtype(np.asarray(value).dtype, np.floating):
+            stats.function_inputs[name] = max(stats.function_inputs.get(name, 0.0), float(np.abs(value).max()))
     return replay_function(function, inputs, observe=stats.observe)
 
 
