@@ -139,3 +139,18 @@ def test_saved_package_replays_as_the_built_program(rng, tmp_path):
     ops = {op.op_type for op in replay.program.functions["main"].operations}
     assert {"conv", "silu", "upsample_nearest_neighbor"} <= ops  # our kernels ran
     assert rel(replay({"x": x})["y"], built) < 1e-5  # fused ops round differently
+
+
+@pytest.mark.parametrize("groups", [(1, 1), (4, 1), (2, 3)])
+def test_palette_expansion_equals_coremltools(rng, groups):
+    """Our expansion of a palettized weight against coremltools' own (which repeats the palette to every
+    element: fine at this size, 21 GB for a T5-XXL weight)."""
+    from coremltools.optimize._utils import lut_to_dense
+
+    shape = (8, 12)
+    lut = rng.standard_normal((*groups, 16, 1)).astype(np.float16)
+    indices = rng.integers(0, 16, shape).astype(np.uint8)
+    op = _op("constexpr_lut_to_dense", indices=indices, lut=lut, vector_axis=None)
+    op.materialized_val_inference = lambda: None  # ours must not fall back on scalar palettes
+    got = KERNELS["constexpr_lut_to_dense"](op)
+    np.testing.assert_array_equal(got, lut_to_dense(indices, lut))

@@ -6,7 +6,9 @@ weights from the package's weight file) and evaluates its operations in order wi
 through the ``value_inference`` that coremltools defines for it (the same code coremltools uses to
 fold constants), compressed weights through their ``materialized_val_inference`` (int8 scales, k-means
 palettes). Ops without a value inference in coremltools get a kernel of ours (``KERNELS``: convolution,
-nearest upsampling, SiLU, instance and batch norm), tested against MLX.
+nearest upsampling, SiLU, instance and batch norm), tested against MLX; palettized weights are
+expanded by a kernel of ours too (coremltools' own expansion needs the palette once per element),
+tested against coremltools'.
 
 One deliberate choice: float16 matrix products (``matmul``, ``linear``, ``conv``) are
 computed in float32 and rounded once to float16, what a float16 product with a wide accumulator gives
@@ -126,7 +128,28 @@ def _batch_norm(op: Any) -> np.ndarray:
     return (out * channel(op.gamma, 1.0) + channel(op.beta, 0.0)).astype(x.dtype)
 
 
+def _lut_to_dense(op: Any) -> np.ndarray:
+    """A palettized weight: every index replaced by its group's palette entry. coremltools' own
+    decompression repeats the palette to every element first (a 4096 x 10240 T5 weight with a 256-entry
+    palette: 21 GB); this looks each element up in its group's palette. Scalar palettes (the exporter's);
+    vector palettes go to coremltools."""
+    lut = op.lut.val  # [*groups per axis, entries, vector size]
+    if lut.shape[-1] != 1:
+        return op.materialized_val_inference()
+    indices = np.asarray(op.indices.val).astype(np.intp)
+    shape, rank = indices.shape, indices.ndim
+    groups = lut.shape[:rank]
+    palettes = lut.reshape(-1, lut.shape[-2])  # [every group, entries], the groups in C order
+    group = np.zeros((1,) * rank, np.intp)
+    for axis, count in enumerate(groups):
+        if count > 1:
+            coordinate = np.arange(shape[axis]) // (shape[axis] // count)
+            group = group * count + coordinate.reshape([-1 if a == axis else 1 for a in range(rank)])
+    return palettes[group, indices]
+
+
 KERNELS: dict[str, Callable[[Any], Any]] = {
+    "constexpr_lut_to_dense": _lut_to_dense,
     "conv": _conv,
     "upsample_nearest_neighbor": _upsample_nearest,
     "silu": _silu,
