@@ -270,15 +270,7 @@ def _run_coreml(args: argparse.Namespace, options: dict, paths: dict, batches: l
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             results = pipe.run(request, progress=not args.quiet)
-        fps = args.save_fps or request.fps
-        for result in results:
-            for prompt, frames in zip(prompts, result.videos):
-                path = write_mp4(paths[(prompt.index, result.seed)], frames, fps=fps)
-                if not args.quiet:
-                    print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "
-                          f"{fps} fps, seed {result.seed})")
-            if not args.quiet:
-                print(result.summary())
+        modes.write_videos(args, results, prompts, paths, args.save_fps or request.fps, write_mp4)
     except (UserError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -133,12 +133,18 @@ def run_batch(args: argparse.Namespace, pipe: "Pipeline", bundle: "ModelBundle",
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         results = pipe.run(request, progress=not args.quiet)
-    fps = args.save_fps or request.fps
     for result in results:
         if refinement is not None:
             result.phases.insert(0, refinement[1])
             result.refined_prompts = list(refinement[0])
-        for prompt, frames in zip(batch, result.videos):
+    write_videos(args, results, batch, paths, args.save_fps or request.fps, write_mp4)
+
+
+def write_videos(args: argparse.Namespace, results: list, prompts: list[PromptLine], paths: dict[tuple[int, int], Path],
+                 fps: int, write_mp4: Callable[..., Path]) -> None:
+    """Each result's videos to its prompts' paths, saying what was written and each result's summary."""
+    for result in results:
+        for prompt, frames in zip(prompts, result.videos):
             path = write_mp4(paths[(prompt.index, result.seed)], frames, fps=fps)
             if not args.quiet:
                 print(f"wrote {path} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]}, "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import av
 import pytest
@@ -94,19 +93,23 @@ def test_module_entry_point_help():
     assert "RuntimeWarning" not in done.stderr
 
 
-def test_cli_uses_openblas_when_installed_or_says_how(tmp_path):
-    """On Linux CPU the CLI restarts itself with an installed OpenBLAS, or prints one line on how to
-    install it (the model error afterwards is expected: the folder does not exist)."""
+def test_cli_uses_a_fast_blas_when_installed_or_says_how(tmp_path):
+    """On Linux CPU the CLI restarts itself with the fast BLAS it found (OpenBLAS or MKL), naming it, or
+    prints one line on how to install one (the model error afterwards is expected: the folder does not
+    exist)."""
     if sys.platform != "linux":
         pytest.skip("the reference-BLAS check is Linux-only")
-    env = {k: v for k, v in os.environ.items() if k not in ("MLX_SORA_BLAS_CHECKED", "LD_PRELOAD")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLX_SORA_BLAS_CHECKED", "LD_PRELOAD", blas.CHOICE_ENV)}
     done = subprocess.run(
         [sys.executable, "-m", "mlx_sora.generate", "--prompt", "a cat", "--model", str(tmp_path / "none"),
          "--output", str(tmp_path / "x.mp4")], capture_output=True, text=True, env=env,
     )
     assert done.returncode == 1 and "does not exist" in done.stderr
-    if any(Path(p).exists() for p in blas.OPENBLAS_CANDIDATES):
-        assert "restarting with OpenBLAS" in done.stderr
+    found = blas.blas_candidates()
+    if found:
+        assert "restarting with it preloaded" in done.stderr
+        assert any(f"BLAS: {kind} ({path})" in done.stderr for kind, path in found)
     else:
         assert "apt-get install libopenblas0-pthread" in done.stderr
 

@@ -249,25 +249,28 @@ class CoreMLPipeline:
             text = self._encode_text(texts, size, phase, progress)
         for result in results:
             result.phases.append(phase)
-        with measure_phase("denoising") as phase:
-            loader = self._loader(size, "denoising")
-            try:
-                for result in results:
-                    result.latent = self._denoise(text, request, size, result, loader, progress)
-            finally:
-                _report(phase, loader)
-        for result in results:
-            result.phases.append(phase)
-        with measure_phase("decoding") as phase:
-            loader = self._loader(size, "decoding")
-            try:
-                for result in results:
-                    result.videos = self._decode(result.latent, size, loader, progress)
-            finally:
-                _report(phase, loader)
-        for result in results:
-            result.phases.append(phase)
+
+        def denoise(result: GenerationResult, loader: UnitLoader) -> None:
+            result.latent = self._denoise(text, request, size, result, loader, progress)
+
+        def decode(result: GenerationResult, loader: UnitLoader) -> None:
+            result.videos = self._decode(result.latent, size, loader, progress)
+
+        self._per_result("denoising", size, results, denoise)
+        self._per_result("decoding", size, results, decode)
         return results
+
+    def _per_result(self, phase: str, size: dict[str, Any], results: list[GenerationResult], work) -> None:
+        """A phase that does ``work(result, loader)`` for every result, its units loaded by one loader."""
+        with measure_phase(phase) as report:
+            loader = self._loader(size, phase)
+            try:
+                for result in results:
+                    work(result, loader)
+            finally:
+                _report(report, loader)
+        for result in results:
+            result.phases.append(report)
 
     # ------------------------------------------------------------------ phases
 
