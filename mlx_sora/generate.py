@@ -156,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                           f"{request.fps} fps, seed {result.seed})")
             if not args.quiet:
                 print(result.summary())
+        if profile is not None and not args.quiet:  # the target device's projection beside the run
+            from .estimate import projection_beside
+
+            print(projection_beside(pipe, request, profile.name, results[0]))
     except (UserError, OSError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
