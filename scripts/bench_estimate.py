@@ -1,9 +1,10 @@
 """Projected against measured: `python -m mlx_sora.estimate --device this-machine` beside real runs.
 
-For each case it measures this machine's rates first (``--remeasure``, once, at the start: the rates
-and the runs are taken side by side on a shared machine), then, each in a fresh process with the
-fast BLAS, runs the generation and projects the same request, and prints per phase the projected
-and measured seconds and their ratio (the issue's target: within +-30 %).
+For each case, each step in a fresh process with the fast BLAS: this machine's rates measured and
+the request projected (``--remeasure``), the generation run, the rates measured and the request
+projected again; the projection compared is the mean of the two, so that a shared machine's load is
+sampled around the run. It prints per phase the projected and measured seconds and their ratio (the
+issue's target: within +-30 %) and the machine's load average during each run.
 
     python scripts/bench_estimate.py                                   # the demo model at two sizes
     python scripts/bench_estimate.py --real /work/bench/real           # + the full-size random folder
@@ -88,11 +89,19 @@ def measure(model: str, options: dict) -> dict:
                     while f.read(64 << 20):
                         pass
     prompt = options.pop("prompt")
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     result = pipe.generate(prompt, **options)
-    return {"seconds": time.perf_counter() - start, "load_average": os.getloadavg()[0],
+    return {"seconds": time.perf_counter() - start, "load_average": (load_before + os.getloadavg()[0]) / 2,
             "phases": {p.name: {"seconds": p.seconds, "waited": p.load_wait, "max_rss": p.max_rss}
                        for p in result.phases}}
+
+
+def _mean_projection(before: dict, after: dict) -> dict:
+    """Phase seconds and total as the mean of two projections of the same request."""
+    phases = {key: {"seconds": (before["phases"][key]["seconds"] + after["phases"][key]["seconds"]) / 2}
+              for _, key in PHASES}
+    return {"device": before["device"], "phases": phases, "total_seconds": sum(p["seconds"] for p in phases.values())}
 
 
 def _child(args: list[str]) -> dict:
@@ -129,15 +138,19 @@ def main() -> int:
     estimate = ["-m", "mlx_sora.estimate", "--device", "this-machine", "--json"]
     print(f"{os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f} at the start", flush=True)
     results = []
-    remeasure = ["--remeasure"]  # the rates measured once, now, beside the runs
     for case in cases:
+        # the rates measured right before and right after each run, so that a shared machine's load
+        # is sampled around it; the projection compared is the mean of the two
         model, estimate_options, generate_options = case_options(case, args.real)
-        projection = _child([*estimate, "--model", model, *estimate_options, *remeasure])
-        remeasure = []
+        before = _child([*estimate, "--model", model, *estimate_options, "--remeasure"])
         measured = _child([__file__, "--measure", model, json.dumps(generate_options)])
-        results.append({"case": case, "projected": projection, "measured": measured})
+        after = _child([*estimate, "--model", model, *estimate_options, "--remeasure"])
+        projection = _mean_projection(before, after)
+        results.append({"case": case, "projected": projection, "before": before, "after": after,
+                        "measured": measured})
         print(f"{case}: measured {measured['seconds']:.1f} s (load average {measured['load_average']:.1f}), "
-              f"projected {projection['total_seconds']:.1f} s", flush=True)
+              f"projected {projection['total_seconds']:.1f} s (rates before the run: {before['total_seconds']:.1f} s, "
+              f"after: {after['total_seconds']:.1f} s)", flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
     print(f"\n{'case':<18} {'phase':<14} {'projected s':>11} {'measured s':>10} {'ratio':>6}  within +-30 %")

@@ -36,6 +36,15 @@ def test_overlap_hides_a_load_behind_the_computation_before_it():
     assert simulate(_plan(("a", "b", "c")), [run, run], {"a": 1.0, "b": 4.0, "c": 0.5}).units["a"].waited == 2.0
 
 
+def test_computation_beside_a_load_is_slowed_by_the_devices_factor():
+    # b loads (4 s) during a's compute: a's 2 s of work at half speed take 4 s, b then waits 0;
+    # c loads (1 s) during b: b's first second runs at half speed (0.5 s of work), its 2.5 s rest alone
+    run = Run((("a", 2.0), ("b", 3.0), ("c", 1.0)))
+    timeline = simulate(_plan(("a", "b", "c")), [run], {"a": 1.0, "b": 4.0, "c": 1.0}, overlap_slowdown=2.0)
+    assert {n: u.compute_seconds for n, u in timeline.units.items()} == pytest.approx({"a": 4.0, "b": 3.5, "c": 1.0})
+    assert timeline.seconds == pytest.approx(1 + 4 + 3.5 + 1) and timeline.waited == pytest.approx(1.0)
+
+
 def test_denoising_prefetches_the_next_step_and_resident_units_load_once():
     # e resident, a and b streamed; cyclic: b's turn prefetches a for the next step
     run = Run((("e", 1.0), ("a", 2.0), ("b", 2.0)))

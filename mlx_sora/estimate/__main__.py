@@ -88,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_fast_cpu_blas(quiet=True)  # the rates of the BLAS generate runs with
 
+    from ..runtime.memory import process_rss
     from ..runtime.profiles import PROFILES
     from .devices import load_device
     from .projection import model_spec, project
+
+    rss = process_rss()  # the process generate would plan from (before any benchmark allocates)
 
     try:
         prefer_quantized = bool(args.device in PROFILES and PROFILES[args.device].prefer_quantized)
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             tokens = max(tokenizer(list(request.texts), max_length=length).num_tokens)
         device = load_device(args.device, remeasure=args.remeasure)
         projection = project(spec, request, device, budget, overlap=not args.no_overlap, ci_dl=not args.no_ci_dl,
-                             dtype=args.dtype, caption_tokens=tokens)
+                             dtype=args.dtype, caption_tokens=tokens,
+                             baseline=None if device.process_bytes is not None else (lambda: rss))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -37,6 +37,8 @@ class Op:
     bytes: float
     items: float = 0.0
     """Attention: the independent products it batches (sequences x heads), each with a fixed cost."""
+    array_bytes: float = 0.0
+    """Elementwise: the size of one array it passes over (small arrays stay in the caches)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class _Ops:
 
     def elementwise(self, elements: float, passes: float) -> None:
         """``passes``: arrays of ``elements`` read or written (x + y -> z: 3)."""
-        self.ops.append(Op("elementwise", 0.0, passes * elements * self.act))
+        self.ops.append(Op("elementwise", 0.0, passes * elements * self.act, array_bytes=elements * self.act))
 
     def call(self, unit: str) -> UnitCall:
         return UnitCall(unit, tuple(self.ops), tuple(self.layers.items()))

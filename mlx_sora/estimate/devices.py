@@ -13,7 +13,7 @@ machine under ``~/.cache/mlx-sora/devices/``. Fields (rates per second):
   max(FLOPs / rate, bytes / bandwidth));
 * ``storage_read_rate`` (bytes/s of weight files read), ``cast_rate`` (bytes/s of weights written
   when the stored dtype is cast to the compute dtype; null: included in the read rate),
-  ``load_overhead_s`` (per unit load);
+  ``load_overhead_s`` (per unit load), ``overlap_slowdown`` (computation while a load runs beside it);
 * ``fixed_s``: fixed seconds per run of a layer, a unit, a sampling step, a phase (dispatching and
   evaluating ops, building the phase's model): what dominates a tiny model;
 * ``engine``: ``cpu`` (the CPU fast path: attention scores through memory) or ``gpu`` (fused attention);
@@ -48,8 +48,14 @@ class DeviceModel:
     storage_read_rate: float
     memory_bandwidth: float | None = None
     components: dict[str, dict[str, float]] = field(default_factory=dict)
+    elementwise_by_size: list[list[float]] = field(default_factory=list)
+    """[[array bytes, bytes/s], ...] ascending: the elementwise rate by the size of the arrays (caches),
+    interpolated in log size; ``throughput.elementwise`` where empty."""
     cast_rate: float | None = None
     load_overhead_s: float = 0.0
+    overlap_slowdown: float = 1.0
+    """How much longer computation takes while a load runs beside it (a CPU's loader shares its cores
+    and memory bandwidth; 1: loads are free to overlap)."""
     fixed_s: dict[str, float] = field(default_factory=dict)
     """Fixed seconds per run of a layer (``cost.UnitCall.layers``: "t5.block", "stdit3.block",
     "vae.res_block", ...), per unit run ("unit"), per sampling step ("sampler.step"), per phase
@@ -84,7 +90,15 @@ class DeviceModel:
                     raise UserError(f"{where}: components.{component} has {kind!r}; known: matmul, attention, "
                                     "conv, elementwise")
                 _positive(where, f"components.{component}.{kind}", rate)
+        sizes = [pair[0] for pair in self.elementwise_by_size if isinstance(pair, (list, tuple)) and len(pair) == 2]
+        if len(sizes) != len(self.elementwise_by_size) or sizes != sorted(sizes):
+            raise UserError(f"{where}: elementwise_by_size must be [[array bytes, bytes/s], ...] by ascending size")
+        for size, rate in self.elementwise_by_size:
+            _positive(where, "elementwise_by_size", size)
+            _positive(where, "elementwise_by_size", rate)
         _positive(where, "storage_read_rate", self.storage_read_rate)
+        if not (isinstance(self.overlap_slowdown, (int, float)) and 1 <= self.overlap_slowdown < math.inf):
+            raise UserError(f"{where}: overlap_slowdown must be a number >= 1")
         for name in ("memory_bandwidth", "cast_rate", "memory_bytes", "memory_budget_bytes", "peak_flops"):
             if getattr(self, name) is not None:
                 _positive(where, name, getattr(self, name))
@@ -97,6 +111,19 @@ class DeviceModel:
         """FLOP/s (compute kinds) or bytes/s (``elementwise``; None: folded into the compute rates) of a
         kind of op in a component."""
         return self.components.get(component, {}).get(kind, self.throughput[kind])
+
+    def elementwise_rate(self, component: str, array_bytes: float) -> float | None:
+        """Bytes/s of elementwise work in a component on arrays of ``array_bytes``."""
+        if "elementwise" in self.components.get(component, {}) or not self.elementwise_by_size:
+            return self.rate(component, "elementwise")
+        table = self.elementwise_by_size
+        if array_bytes <= table[0][0]:
+            return table[0][1]
+        for (size0, rate0), (size1, rate1) in zip(table, table[1:]):
+            if array_bytes <= size1:
+                f = math.log(array_bytes / size0) / math.log(size1 / size0)
+                return rate0 * (rate1 / rate0) ** f
+        return table[-1][1]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "device table") -> "DeviceModel":

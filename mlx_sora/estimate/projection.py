@@ -64,7 +64,8 @@ class PhaseProjection:
     def to_dict(self) -> dict[str, Any]:
         t = self.timeline
         return {
-            "seconds": self.seconds, "compute_seconds": t.compute_seconds, "load_seconds": t.load_seconds,
+            "seconds": self.seconds, "setup_seconds": self.setup_seconds, "compute_seconds": t.compute_seconds,
+            "load_seconds": t.load_seconds,
             "waited_seconds": t.waited, "loads": t.loads, "read_bytes": self.read_bytes,
             "flops": self.flops, "bytes": self.bytes, "peak_bytes": self.peak_bytes,
             "resident": list(self.plan.resident), "streamed": list(self.plan.streamed),
@@ -221,10 +222,10 @@ class _Clock:
     def __init__(self, device: DeviceModel, component: str):
         self.device, self.component = device, component
 
-    def op_seconds(self, kind: str, flops: float, bytes_: float) -> float:
+    def op_seconds(self, kind: str, flops: float, bytes_: float, array_bytes: float = math.inf) -> float:
         d = self.device
         if kind == "elementwise":
-            rate = d.rate(self.component, "elementwise")
+            rate = d.elementwise_rate(self.component, array_bytes)
             seconds = bytes_ / rate if rate else 0.0  # None: within the calibrated compute rates
         else:
             seconds = flops / d.rate(self.component, kind)
@@ -234,8 +235,8 @@ class _Clock:
 
     def call_seconds(self, call: UnitCall) -> float:
         fixed = self.device.fixed_s
-        return (sum(self.op_seconds(op.kind, op.flops, op.bytes) + op.items * fixed.get(f"{op.kind}.item", 0.0)
-                    for op in call.ops)
+        return (sum(self.op_seconds(op.kind, op.flops, op.bytes, op.array_bytes or math.inf)
+                    + op.items * fixed.get(f"{op.kind}.item", 0.0) for op in call.ops)
                 + sum(count * fixed.get(layer, 0.0) for layer, count in call.layers)
                 + (fixed.get("unit", 0.0) if call.unit != "sampler" else 0.0))
 
@@ -319,10 +320,12 @@ def project(
         steps: list[Step] = []
         notes = list(plan.notes)
         cyclic = False
+        distinct: list[UnitCall] = []  # the unit calls of different shapes (each traced and compiled once)
         if component == "text_encoder":
             calls = t5_calls(t5.config, batch, text_length, itemsize)
             total_bytes = _tally(calls, flops)
             steps.append(Run(tuple((c.unit, clock.call_seconds(c)) for c in calls)))
+            distinct += calls
         elif component == "stdit3":
             cyclic = True
             total_bytes = 0.0
@@ -337,24 +340,37 @@ def project(
                     calls, run = runs[i < merged]
                     total_bytes += _tally(calls, flops)
                     steps += [run, Compute(clock.call_seconds(sampler_call))]
+            distinct += runs[False][0] * (count > merged) + runs[True][0] * (merged > 0)
             if phase.chunk_bytes:
                 notes.append("layers built a chunk at a time: 5-10 % more per block on the CPU measured here "
                              "(not in the projection)")
         else:
             total_bytes = 0.0
             for _seed in request.seeds:
-                seed_bytes, decode_steps = _decode_steps(vae, phase, request, batch, latent, clock, itemsize, flops)
+                seed_bytes, decode_steps, distinct = _decode_steps(vae, phase, request, batch, latent, clock,
+                                                                   itemsize, flops)
                 total_bytes += seed_bytes
                 steps += decode_steps
         load = {s.name: _load_seconds(device, s) for s in whole}
         up_front = [u.name for u in skeleton.units] if (plan.budget is None and ci_dl) else None
-        timeline = simulate(plan, steps, load, cyclic=cyclic, up_front=up_front)
+        timeline = simulate(plan, steps, load, cyclic=cyclic, up_front=up_front,
+                            overlap_slowdown=device.overlap_slowdown)
         read = sum(by_name[n].read_bytes * u.loads for n, u in timeline.units.items())
-        # the phase's model built, every unit file opened once (load_model), released at the end
+        # the phase's model built, every unit file opened once (load_model), released at the end; and,
+        # in a fresh process, each kind of layer traced and compiled for each new shape on its first run
         setup = device.fixed_s.get("phase", 0.0) + device.load_overhead_s * len(skeleton.units)
-        phases.append(PhaseProjection(name, key, component, plan, timeline, flops, total_bytes, read, setup, notes))
+        first = _first_runs(device, distinct)
+        phases.append(PhaseProjection(name, key, component, plan, timeline, flops, total_bytes, read, setup + first,
+                                      notes))
     return Projection(device, model.name, request, count, merged, str(compute).split(".")[-1], memory_budget,
                       ci_dl, overlap and ci_dl, phases, assumptions)
+
+
+def _first_runs(device: DeviceModel, calls: Sequence[UnitCall]) -> float:
+    """Seconds the first run of each differently shaped unit call adds (``fixed_s["<layer>.first"]``:
+    tracing and compiling the layer's kernels for new shapes, once per process and shape)."""
+    shapes = {(call.ops, call.layers) for call in calls}
+    return sum(device.fixed_s.get(f"{layer}.first", 0.0) for _, layers in shapes for layer, _count in layers)
 
 
 def _sampler_call(batch: int, latent: tuple[int, int, int], channels: int, itemsize: int) -> UnitCall:
@@ -369,7 +385,7 @@ def _sampler_call(batch: int, latent: tuple[int, int, int], channels: int, items
 
 def _decode_steps(vae: nn.Module, phase: PlannedPhase, request: GenerationRequest, batch: int,
                   latent: tuple[int, int, int], clock: _Clock, itemsize: int, flops: dict[str, float]
-                  ) -> tuple[float, list[Step]]:
+                  ) -> tuple[float, list[Step], list[UnitCall]]:
     """The decoding runs in the order ``OpenSoraVAE.decode_chunks`` makes them: per temporal chunk,
     the temporal decoder's chain, then the spatial decoder's chain per micro-batch (per tile)."""
     config = vae.config
@@ -404,9 +420,10 @@ def _decode_steps(vae: nn.Module, phase: PlannedPhase, request: GenerationReques
                         for tw in tile_sizes(w, *tiling):
                             steps.append(run("spatial", n, th, tw))
                             blend.elementwise(n * pixels * th * tw * 3, 4)
-                    steps.append(Compute(sum(clock.op_seconds(o.kind, o.flops, o.bytes) for o in blend.ops)))
+                    steps.append(Compute(sum(clock.op_seconds(o.kind, o.flops, o.bytes, o.array_bytes)
+                                             for o in blend.ops)))
                 else:
                     steps.append(run("spatial", n, h, w))
             # the piece copied out to the host (float32 frames)
             steps.append(Compute(clock.op_seconds("elementwise", 0.0, 2 * images * pixels * h * w * 3 * 4)))
-    return total_bytes, steps
+    return total_bytes, steps, [call for calls, _ in cache.values() for call in calls]

@@ -86,10 +86,11 @@ class PhaseTimeline:
 
 
 def simulate(plan: PhasePlan, steps: Sequence[Step], load_seconds: dict[str, float], cyclic: bool = False,
-             up_front: Sequence[str] | None = None) -> PhaseTimeline:
+             up_front: Sequence[str] | None = None, overlap_slowdown: float = 1.0) -> PhaseTimeline:
     """Run the phase's steps on a virtual clock. ``up_front``: the units loaded whole before any
     compute (a phase without a budget loads its whole model, encoders included); otherwise ``plan``
-    says which units stream and whether loads overlap compute."""
+    says which units stream and whether loads overlap compute. ``overlap_slowdown``: computation
+    runs that much slower while a load runs beside it (cores and memory bandwidth shared)."""
     timeline = PhaseTimeline(0.0)
     units = timeline.units
 
@@ -154,6 +155,10 @@ def simulate(plan: PhasePlan, steps: Sequence[Step], load_seconds: dict[str, flo
                     following = next_unit_to_load(name, names[i + 1:], ready, streamed, cyclic, order)
                     if following is not None:
                         issue(following)
+                busy = max(0.0, loader_free - now)  # a load running beside this computation
+                if busy and overlap_slowdown > 1:
+                    slowed = seconds * overlap_slowdown
+                    seconds = slowed if slowed <= busy else busy + seconds - busy / overlap_slowdown
                 unit(name).runs += 1
                 unit(name).compute_seconds += seconds
                 now += seconds
