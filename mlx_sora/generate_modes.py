@@ -138,6 +138,10 @@ def run_batch(args: argparse.Namespace, pipe: "Pipeline", bundle: "ModelBundle",
             result.phases.insert(0, refinement[1])
             result.refined_prompts = list(refinement[0])
     write_videos(args, results, batch, paths, args.save_fps or request.fps, write_mp4)
+    if args.device_profile and not args.quiet:  # the target device's projection beside the run (issue 18)
+        from .estimate import projection_beside
+
+        print(projection_beside(pipe, request, args.device_profile, results[0]))
 
 
 def write_videos(args: argparse.Namespace, results: list, prompts: list[PromptLine], paths: dict[tuple[int, int], Path],

@@ -16,10 +16,12 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
+from .models import family_for_type
 from .models.stdit3_layers import CHUNK_BYTES
 from .models.stdit3_parallel import sequence_tokens
-from .models.units import Unit
+from .models.units import Unit, held_dtype, unit_for_key
 from .request import GenerationRequest
 from .runtime.memory import process_memory
 from .runtime.streaming import MemoryBudgetError, PhasePlan, UnitSize, format_bytes, plan_phase, unit_sizes
@@ -72,6 +74,29 @@ def folder_unit_sizes(components: dict[str, Path], dtype: mx.Dtype | dict[str, m
     def sizes(component: str, model: nn.Module, chain: Sequence[Unit], uses: dict[str, int]) -> list[UnitSize]:
         held = dtype[component] if isinstance(dtype, dict) else dtype
         return unit_sizes(model, components[component], held, uses, chain)
+
+    return sizes
+
+
+# component -> the model family whose converter wrote it (``conversion.registry.COMPONENTS``, inverted)
+_COMPONENT_FAMILIES = {"text_encoder": "t5", "stdit3": "stdit3", "vae": "vae"}
+
+
+def config_unit_sizes(dtype: mx.Dtype, stored_dtype: mx.Dtype = mx.bfloat16) -> UnitSizer:
+    """Unit sizes from the models' configs alone (no weight files): each parameter's shape in the
+    skeleton, stored as the converter stores it (``stored_dtype``, the family's float32 keys in
+    float32), held in ``dtype`` (``units.held_dtype``): what ``folder_unit_sizes`` reads from the
+    headers of an unquantized converted folder, for a projection without weights."""
+
+    def sizes(component: str, model: nn.Module, chain: Sequence[Unit], uses: dict[str, int]) -> list[UnitSize]:
+        family = family_for_type(_COMPONENT_FAMILIES[component])
+        totals = {u.name: [0, 0] for u in model.units}
+        for key, value in tree_flatten(model.parameters()):  # shapes only: nothing is allocated
+            stored = mx.float32 if family.keep_float32(key) else stored_dtype
+            unit = unit_for_key(model.units, key).name
+            totals[unit][0] += value.size * held_dtype(model, key, stored, dtype).size
+            totals[unit][1] += value.size * stored.size
+        return [UnitSize(u.name, *totals[u.name], uses=uses.get(u.name, 1)) for u in chain]
 
     return sizes
 

@@ -41,4 +41,7 @@ def test_profile_run_reports_the_budget(tiny_model_folder, tmp_path, capsys):
     assert "budget 3.07 GiB" in out  # 3.3 GB
     assert "model evaluations 16, leapt at step 15" in out
     assert "within the memory budget 3.07 GiB" in out
+    # the iPhone 15 Pro projection of the same request, beside what was measured
+    lines = out[out.index("projected on iphone15pro"):].splitlines()
+    assert [line.split()[0] for line in lines[1:5]] == ["text", "denoising", "decoding", "total"]
     assert (tmp_path / "p.mp4").exists()

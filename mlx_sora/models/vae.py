@@ -116,6 +116,8 @@ class OpenSoraVAE(nn.Module):
         self.tile_size = 32
         self.tile_overlap = 8
         self.compute_dtype = compute_dtype
+        # whether memory estimates assume the CPU fast path; None: this machine's (projections set it)
+        self.cpu_fast_path: bool | None = None
         self._attach_units()
 
     def _attach_units(self) -> None:
@@ -233,7 +235,8 @@ class OpenSoraVAE(nn.Module):
     def decode_activation_bytes(self, batch: int, latent_h: int, latent_w: int) -> int:
         """Estimated peak of the decoding activations with the current micro-batch and tiling."""
         config, itemsize_ratio = self.config, self.compute_dtype.size / 4
-        cpu = fast_ops.fast_cpu() and self.compute_dtype == mx.float32
+        cpu = (fast_ops.fast_cpu() if self.cpu_fast_path is None else self.cpu_fast_path) and \
+            self.compute_dtype == mx.float32
         per_latent_pixel = self.CPU_TEMPORAL_BYTES_PER_LATENT_PIXEL if cpu else self.TEMPORAL_BYTES_PER_LATENT_PIXEL
         per_pixel = self.CPU_SPATIAL_BYTES_PER_PIXEL if cpu else self.SPATIAL_BYTES_PER_PIXEL
         temporal_width = config.temporal_vae.filters * max(config.temporal_vae.channel_multipliers) / 512

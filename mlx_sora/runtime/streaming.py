@@ -29,7 +29,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Collection, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -388,17 +388,8 @@ class StreamingWeights:
             self._evict(unit.name)
 
     def _next_to_load(self, name: str, upcoming: Sequence[Unit]) -> str | None:
-        """The unit to load while ``name`` computes: the next one in the chain that is not loaded yet,
-        skipping resident units already loaded (resident units load one ahead too, on their first
-        use, so that the phase starts computing at once instead of after loading all of them). None
-        when that unit is already loading: one unit loads at a time."""
-        for u in upcoming:
-            if u.name in self._ready and u.name not in self._streamed:
-                continue  # resident, loaded
-            return None if u.name in self._ready else u.name
-        if self.cyclic and self._order and name == self._order[-1] and self._order[0] not in self._ready:
-            return self._order[0]  # the first streamed unit of the next pass
-        return None
+        return next_unit_to_load(name, [u.name for u in upcoming], self._ready, self._streamed, self.cyclic,
+                                 self._order)
 
     def _evict(self, name: str) -> None:
         """Drop a unit's materialized weights: the module gets unevaluated file-backed arrays again."""
@@ -434,6 +425,24 @@ class StreamingWeights:
         """Evict everything (the model keeps only unevaluated arrays)."""
         for name in list(self._ready):
             self._evict(name)
+
+
+def next_unit_to_load(name: str, upcoming: Sequence[str], ready: Collection[str], streamed: Collection[str],
+                      cyclic: bool, order: Sequence[str]) -> str | None:
+    """The unit to load while ``name`` computes: the next one in the chain (``upcoming``) that is not
+    loaded yet (``ready``: loaded or loading), skipping resident units already loaded (resident units
+    load one ahead too, on their first use, so that the phase starts computing at once instead of
+    after loading all of them). None when that unit is already loading: one unit loads at a time.
+    ``cyclic`` (denoising steps): after the last streamed unit of a pass (``order``: the streamed
+    units in the order they ran), the first one of the next pass. The schedule ``StreamingWeights``
+    follows, and ``mlx_sora.estimate`` projects."""
+    for unit in upcoming:
+        if unit in ready and unit not in streamed:
+            continue  # resident, loaded
+        return None if unit in ready else unit
+    if cyclic and order and name == order[-1] and order[0] not in ready:
+        return order[0]  # the first streamed unit of the next pass
+    return None
 
 
 def _load_file(path: Path, stream: mx.Stream) -> dict[str, mx.array]:
