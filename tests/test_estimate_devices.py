@@ -33,11 +33,32 @@ def test_every_table_is_sourced():
     ({"components": {"unet": {"matmul": 1.0}}}, "components has 'unet'"),
     ({"fixed_s": {"unit": -1}}, "fixed_s.unit must be a number >= 0"),
     ({"surprise": 1}, "unknown fields surprise"),
+    ({"conv_by_width": {"5x5": [[64, 1e9]]}}, "conv_by_width has '5x5'"),
+    ({"conv_by_width": {"3x3": [[512, 1e11], [128, 5e10]]}}, "by ascending channels"),
+    ({"conv_by_width": {"3x3": [[128, 0]]}}, "conv_by_width.3x3 must be a positive"),
 ])
 def test_bad_tables_are_refused(change, message):
     values = {**load_table("iphone15pro").to_dict(), **change}
     with pytest.raises(UserError, match=message):
         DeviceModel.from_dict(values)
+
+
+def test_convolutions_take_the_rate_of_their_kernel_and_width():
+    """Log-linear in the width between the measured ones, held at the ends; other kernels (1x1, the
+    patch embedding) and tables without widths take the one conv rate."""
+    from mlx_sora.estimate.cost import Op
+    from mlx_sora.estimate.projection import _Clock
+
+    values = load_table("iphone15pro").to_dict()
+    flat = values["throughput"]["conv"]
+    table = DeviceModel.from_dict({**values, "conv_by_width": {"3x3": [[128, 5e10], [512, 2e11]],
+                                                                "3x3x3": [[256, 1e11]]}})
+    assert table.conv_rate("vae", 9, 256) == pytest.approx(1e11)
+    assert table.conv_rate("vae", 9, 64) == 5e10 and table.conv_rate("vae", 9, 1024) == 2e11
+    assert table.conv_rate("vae", 27, 16) == 1e11 and table.conv_rate("vae", 1, 256) == table.rate("vae", "conv")
+    assert load_table("iphone15pro").conv_rate("vae", 9, 256) == table.rate("vae", "conv") == \
+        values["components"].get("vae", {}).get("conv", flat)
+    assert _Clock(table, "vae").op_seconds(Op("conv", 3e11, 0.0, kernel=9, width=256)) == pytest.approx(3.0)
 
 
 def test_unknown_device():

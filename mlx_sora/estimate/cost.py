@@ -39,6 +39,10 @@ class Op:
     """Attention: the independent products it batches (sequences x heads), each with a fixed cost."""
     array_bytes: float = 0.0
     """Elementwise: the size of one array it passes over (small arrays stay in the caches)."""
+    kernel: int = 0
+    """Convolutions: the kernel's volume (9: 3x3, 27: 3x3x3, 1: pointwise)."""
+    width: int = 0
+    """Convolutions: input channels (a CPU's convolution rate grows with them)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ class _Ops:
         """``outputs`` / ``inputs``: positions (pixels x frames x images) of the output / input."""
         weights = (c_out * c_in * kernel + (c_out if bias else 0)) * self.weight
         flops = 2.0 * outputs * c_out * c_in * kernel
-        self.ops.append(Op("conv", flops, (inputs * c_in + outputs * c_out) * self.act + weights))
+        self.ops.append(Op("conv", flops, (inputs * c_in + outputs * c_out) * self.act + weights, kernel=kernel,
+                           width=c_in))
 
     def elementwise(self, elements: float, passes: float) -> None:
         """``passes``: arrays of ``elements`` read or written (x + y -> z: 3)."""

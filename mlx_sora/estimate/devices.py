@@ -34,6 +34,19 @@ from ..errors import UserError
 
 DEVICE_DIR = Path(__file__).resolve().parent / "devices"
 THIS_MACHINE = "this-machine"
+CONV_KERNELS_BY_TAPS = {9: "3x3", 27: "3x3x3"}
+CONV_KERNELS = tuple(CONV_KERNELS_BY_TAPS.values())
+
+
+def _interpolate(table: list[list[float]], x: float) -> float:
+    """The rate of ``[[x, rate], ...]`` (ascending x) at ``x``: log-linear between points, held at the ends."""
+    if x <= table[0][0]:
+        return table[0][1]
+    for (x0, rate0), (x1, rate1) in zip(table, table[1:]):
+        if x <= x1:
+            f = math.log(x / x0) / math.log(x1 / x0)
+            return rate0 * (rate1 / rate0) ** f
+    return table[-1][1]
 COMPUTE_KINDS = ("matmul", "attention", "conv")
 COMPONENTS = ("text_encoder", "stdit3", "vae")
 
@@ -51,6 +64,10 @@ class DeviceModel:
     elementwise_by_size: list[list[float]] = field(default_factory=list)
     """[[array bytes, bytes/s], ...] ascending: the elementwise rate by the size of the arrays (caches),
     interpolated in log size; ``throughput.elementwise`` where empty."""
+    conv_by_width: dict[str, list[list[float]]] = field(default_factory=dict)
+    """{"3x3": [[input channels, FLOP/s], ...], "3x3x3": ...} ascending: a convolution's rate by its
+    kernel and width, interpolated in log width and held at the ends; ``throughput.conv`` (or the
+    component's) for other kernels and where empty."""
     cast_rate: float | None = None
     load_overhead_s: float = 0.0
     overlap_slowdown: float = 1.0
@@ -96,6 +113,16 @@ class DeviceModel:
         for size, rate in self.elementwise_by_size:
             _positive(where, "elementwise_by_size", size)
             _positive(where, "elementwise_by_size", rate)
+        for kernel, table in self.conv_by_width.items():
+            if kernel not in CONV_KERNELS:
+                raise UserError(f"{where}: conv_by_width has {kernel!r}; known: {', '.join(CONV_KERNELS)}")
+            widths = [pair[0] for pair in table if isinstance(pair, (list, tuple)) and len(pair) == 2]
+            if not widths or len(widths) != len(table) or widths != sorted(widths):
+                raise UserError(f"{where}: conv_by_width.{kernel} must be [[channels, FLOP/s], ...] by ascending "
+                                "channels")
+            for width, rate in table:
+                _positive(where, f"conv_by_width.{kernel}", width)
+                _positive(where, f"conv_by_width.{kernel}", rate)
         _positive(where, "storage_read_rate", self.storage_read_rate)
         if not (isinstance(self.overlap_slowdown, (int, float)) and 1 <= self.overlap_slowdown < math.inf):
             raise UserError(f"{where}: overlap_slowdown must be a number >= 1")
@@ -112,18 +139,18 @@ class DeviceModel:
         kind of op in a component."""
         return self.components.get(component, {}).get(kind, self.throughput[kind])
 
+    def conv_rate(self, component: str, kernel: int, width: int) -> float:
+        """FLOP/s of a convolution with a kernel of ``kernel`` taps over ``width`` input channels."""
+        table = self.conv_by_width.get(CONV_KERNELS_BY_TAPS.get(kernel, ""))
+        if not table or width <= 0:
+            return self.rate(component, "conv")
+        return _interpolate(table, width)
+
     def elementwise_rate(self, component: str, array_bytes: float) -> float | None:
         """Bytes/s of elementwise work in a component on arrays of ``array_bytes``."""
         if "elementwise" in self.components.get(component, {}) or not self.elementwise_by_size:
             return self.rate(component, "elementwise")
-        table = self.elementwise_by_size
-        if array_bytes <= table[0][0]:
-            return table[0][1]
-        for (size0, rate0), (size1, rate1) in zip(table, table[1:]):
-            if array_bytes <= size1:
-                f = math.log(array_bytes / size0) / math.log(size1 / size0)
-                return rate0 * (rate1 / rate0) ** f
-        return table[-1][1]
+        return _interpolate(self.elementwise_by_size, array_bytes)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "device table") -> "DeviceModel":

@@ -28,7 +28,7 @@ import mlx.core as mx
 from ..runtime.blas import fast_blas_loaded
 from .devices import THIS_MACHINE, DeviceModel
 
-SCHEMA = 4  # bump when the measurements change meaning: older cache files are measured again
+SCHEMA = 6  # bump when the measurements change meaning: older cache files are measured again
 
 
 def cache_dir() -> Path:
@@ -142,22 +142,36 @@ def _attention_rates() -> tuple[float, float]:
     return rate, max(0.0, _seconds(short) - flops / rate) / (256 * 16)
 
 
-def _conv_rate() -> float:
-    """FLOP/s of the VAE decoders' 3x3 (3x3x3) convolutions, counted by definition, run as the decoders
-    run them (``fast_ops.run_layers``: Winograd in parallel parts on the CPU)."""
+# (kernel, input channels, input shape): the VAE decoders' 3x3 convolutions from the demo's widths to
+# the real model's (whose widths run at lower resolutions: 128 channels at full size, 512 at the
+# latent's), in micro-batches of 2 images, and the temporal decoder's 3x3x3 ones over a 5-frame chunk
+CONV_SHAPES = (("3x3", 32, (2, 128, 128, 32)), ("3x3", 64, (2, 128, 128, 64)), ("3x3", 128, (2, 128, 128, 128)),
+               ("3x3", 256, (2, 64, 64, 256)), ("3x3", 512, (2, 32, 32, 512)),
+               ("3x3x3", 128, (1, 5, 32, 32, 128)), ("3x3x3", 256, (1, 5, 32, 32, 256)),
+               ("3x3x3", 512, (1, 5, 16, 16, 512)))
+
+
+def _conv_rates() -> tuple[float, dict[str, list[list[float]]]]:
+    """FLOP/s of the VAE decoders' convolutions, counted by definition, run as the decoders run them
+    (``fast_ops.run_layers``: Winograd in parallel parts on the CPU): over all the shapes, and by kernel
+    and width (a CPU's rate grows with the channels: measured 22 GFLOP/s at 32, 140 at 512)."""
     from ..models import fast_ops
     from ..models.vae_spatial import Conv2d
     from ..models.vae_temporal import CausalConv3d
 
-    work = []
-    # the decoders' widths at their resolutions: 128 channels at full size, 512 at the latent's
-    for conv, shape, taps in ((Conv2d(128, 128, 3, padding=1), (2, 128, 128, 128), 9),
-                              (Conv2d(512, 512, 3, padding=1), (2, 32, 32, 512), 9),
-                              (CausalConv3d(256, 256, 3), (1, 5, 32, 32, 256), 27)):
+    by_width: dict[str, list[list[float]]] = {}
+    flops_total = seconds_total = 0.0
+    for kernel, width, shape in CONV_SHAPES:
+        # three in a row, as a stage runs its layers (one split into parallel parts for all of them)
+        convs = [Conv2d(width, width, 3, padding=1) if kernel == "3x3" else CausalConv3d(width, width, 3)
+                 for _ in range(3)]
         x = mx.random.normal(shape)
-        mx.eval(conv.parameters(), x)
-        work.append((2.0 * x.size * shape[-1] * taps, lambda conv=conv, x=x: mx.eval(fast_ops.run_layers([conv], x))))
-    return _rate(work)
+        mx.eval([conv.parameters() for conv in convs], x)
+        flops = 3 * 2.0 * x.size * width * (9 if kernel == "3x3" else 27)
+        seconds = _seconds(lambda convs=convs, x=x: mx.eval(fast_ops.run_layers(convs, x)))
+        by_width.setdefault(kernel, []).append([float(width), flops / seconds])
+        flops_total, seconds_total = flops_total + flops, seconds_total + seconds
+    return flops_total / seconds_total, by_width
 
 
 ELEMENTWISE_SIZES = (2**18, 2**21, 2**25)  # bytes per array: in the caches .. far beyond them
@@ -360,20 +374,23 @@ def _give_back_memory() -> None:
 
 def measure(key: dict | None = None) -> DeviceModel:
     """Measure this machine (a few seconds)."""
-    from ..runtime.memory import _proc_kib
+    from ..runtime.memory import keep_freed_cpu_memory
     from ..runtime.streaming import format_bytes
 
+    # the CPU allocator policy the models run with (load_model sets it): without it every large
+    # buffer is faulted in afresh, and the VAE's 128-channel convolutions measured 55 GFLOP/s, not 85
+    keep_freed_cpu_memory()
     key = key or cache_key()
     start = time.perf_counter()
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    matmul, (attention, attention_item), conv = _matmul_rate(), _attention_rates(), _conv_rate()
+    matmul, (attention, attention_item), (conv, conv_by_width) = _matmul_rate(), _attention_rates(), _conv_rates()
     by_size, vae = _elementwise_rates()
     plain = by_size[-1][1]
     fixed = {**_fixed_costs(), "attention.item": attention_item}
     read_rate, cast_rate, load_overhead = _storage_rates()
     slowdown = _overlap_slowdown()
     _give_back_memory()
-    memory = _proc_kib("/proc/meminfo", "MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # the physical memory (Linux, macOS)
     cpu = mx.default_device() == mx.cpu
     how = "measured by mlx_sora.estimate.microbench on this machine"
     return DeviceModel(
@@ -385,6 +402,7 @@ def measure(key: dict | None = None) -> DeviceModel:
         throughput={"matmul": matmul, "attention": attention, "conv": conv, "elementwise": plain},
         components={"vae": {"elementwise": vae}},
         elementwise_by_size=by_size,
+        conv_by_width=conv_by_width,
         storage_read_rate=read_rate,
         cast_rate=cast_rate,
         load_overhead_s=load_overhead,
@@ -396,8 +414,10 @@ def measure(key: dict | None = None) -> DeviceModel:
             "throughput.attention": f"{how}: fast_ops.attention on 2x16 sequences of 256 (width 72) and "
                                     "64 of 300 (width 64), softmax included; fixed_s.attention.item: 256x16 "
                                     "sequences of 8",
-            "throughput.conv": f"{how}: 3x3 Conv2d 128 channels at 2x128x128 and 512 at 2x32x32, 3x3x3 "
-                               "CausalConv3d 256 at 5x32x32, in the VAE's parallel CPU stages; FLOPs by definition",
+            "throughput.conv": f"{how}: all of conv_by_width's shapes together",
+            "conv_by_width": f"{how}: three 3x3 Conv2d in a row of 32, 64, 128 channels at 2x128x128, 256 at "
+                             "2x64x64, 512 at 2x32x32; three 3x3x3 CausalConv3d of 128, 256 channels at 5x32x32, "
+                             "512 at 5x16x16; in the VAE's parallel CPU stages; FLOPs by definition",
             "throughput.elementwise": f"{how}: add, layer norm, tanh-GELU on 32 MiB arrays (bytes as passes); "
                                       "elementwise_by_size: the same on 256 KiB, 2 MiB and 32 MiB arrays",
             "components.vae.elementwise": f"{how}: GroupNorm + SiLU and a residual add in the parallel stages",

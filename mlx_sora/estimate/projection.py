@@ -25,6 +25,7 @@ from ..runtime.streaming import PhasePlan, UnitSize, default_memory_budget, form
 from ..sampling import DynamicLeap, FixedLeap, SamplerConfig
 from .cost import (
     KINDS,
+    Op,
     UnitCall,
     _Ops,
     spatial_decoder_calls,
@@ -222,20 +223,23 @@ class _Clock:
     def __init__(self, device: DeviceModel, component: str):
         self.device, self.component = device, component
 
-    def op_seconds(self, kind: str, flops: float, bytes_: float, array_bytes: float = math.inf) -> float:
-        d = self.device
+    def op_seconds(self, op: Op) -> float:
+        d, kind, bytes_ = self.device, op.kind, op.bytes
         if kind == "elementwise":
-            rate = d.elementwise_rate(self.component, array_bytes)
+            rate = d.elementwise_rate(self.component, op.array_bytes or math.inf)
             seconds = bytes_ / rate if rate else 0.0  # None: within the calibrated compute rates
+        elif kind == "conv":
+            seconds = op.flops / d.conv_rate(self.component, op.kernel, op.width)
         else:
-            seconds = flops / d.rate(self.component, kind)
+            seconds = op.flops / d.rate(self.component, kind)
+        if kind != "elementwise":
             if d.memory_bandwidth:
                 seconds = max(seconds, bytes_ / d.memory_bandwidth)
         return seconds
 
     def call_seconds(self, call: UnitCall) -> float:
         fixed = self.device.fixed_s
-        return (sum(self.op_seconds(op.kind, op.flops, op.bytes, op.array_bytes or math.inf)
+        return (sum(self.op_seconds(op)
                     + op.items * fixed.get(f"{op.kind}.item", 0.0) for op in call.ops)
                 + sum(count * fixed.get(layer, 0.0) for layer, count in call.layers)
                 + (fixed.get("unit", 0.0) if call.unit != "sampler" else 0.0))
@@ -420,10 +424,10 @@ def _decode_steps(vae: nn.Module, phase: PlannedPhase, request: GenerationReques
                         for tw in tile_sizes(w, *tiling):
                             steps.append(run("spatial", n, th, tw))
                             blend.elementwise(n * pixels * th * tw * 3, 4)
-                    steps.append(Compute(sum(clock.op_seconds(o.kind, o.flops, o.bytes, o.array_bytes)
-                                             for o in blend.ops)))
+                    steps.append(Compute(sum(clock.op_seconds(o) for o in blend.ops)))
                 else:
                     steps.append(run("spatial", n, h, w))
             # the piece copied out to the host (float32 frames)
-            steps.append(Compute(clock.op_seconds("elementwise", 0.0, 2 * images * pixels * h * w * 3 * 4)))
+            frames_bytes = images * pixels * h * w * 3 * 4
+            steps.append(Compute(clock.op_seconds(Op("elementwise", 0.0, 2 * frames_bytes, array_bytes=frames_bytes))))
     return total_bytes, steps, [call for calls, _ in cache.values() for call in calls]
