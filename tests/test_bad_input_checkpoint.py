@@ -600,3 +600,25 @@ def test_convert_cli_refuses_hostile_checkpoints(tmp_path, name, make, fragment)
     assert str(source / name) in lines[0]
     assert fragment in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, fragment", [("[1, 2]", "must hold a JSON object"), ("{", "JSONDecodeError"),
+                                            (b"\xff\xfe", "UnicodeDecodeError"),
+                                            ("[" * 100_000 + "]" * 100_000, "RecursionError")])
+def test_our_own_json_files_damaged_are_one_clear_error(tmp_path, text, fragment):
+    """A converted folder's config.json, a model's defaults.json, a device table: whatever is wrong,
+    one error naming the file and the fix (read_json_object), never a traceback."""
+    from mlx_sora.conversion.loading import load_model
+    from mlx_sora.conversion.registry import GenerationDefaults
+    from mlx_sora.errors import UserError
+    from mlx_sora.io.untrusted import read_json_object
+
+    path = tmp_path / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError, match=fragment) as info:
+        read_json_object(path, "make it again", UserError)
+    assert str(path) in str(info.value) and str(info.value).endswith("make it again")
+    with pytest.raises(CheckpointError, match=f"{fragment}.*convert the model again"):
+        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match=f"{fragment}.*restore it from the package"):
+        GenerationDefaults.from_file(path)

@@ -26,6 +26,7 @@ from mlx.utils import tree_flatten
 
 from ..io.checkpoint import CheckpointError, validate_safetensors
 from ..io.fsutil import atomic_output_folder, check_output_folder, is_converted_folder
+from ..io.untrusted import read_json_object
 from ..models import ModelFamily, family_for_type
 from ..models.units import held_dtype, unit_for_key
 from ..runtime.memory import keep_freed_cpu_memory
@@ -176,12 +177,7 @@ def read_converted_config(folder: str | Path) -> dict:
             f"{folder} is not a converted mlx-sora folder (no config.json); "
             "create one with `python -m mlx_sora.convert --hf-path ... --mlx-path ...`"
         )
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {e}); convert the model again") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object; convert the model again")
+    config = read_json_object(path, "convert the model again")
     if "mlx_sora" not in config or "model_type" not in config:
         raise CheckpointError(
             f"{folder} holds a Hugging Face checkpoint, not converted MLX weights; convert it first: "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.checkpoint import CheckpointError
+from ..io.untrusted import read_json_object
 
 COMPONENTS = {"t5": "text_encoder", "stdit3": "stdit3", "vae": "vae"}
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo" / "model"
@@ -57,12 +58,7 @@ class GenerationDefaults:
 
     @classmethod
     def from_file(cls, path: Path) -> "GenerationDefaults":
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from the package") from e
-        if not isinstance(values, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
+        values = read_json_object(path, "restore it from the package")
         kwargs: dict[str, Any] = {}
         try:
             for name, kind in (("height", int), ("width", int), ("num_frames", int), ("fps", int),
@@ -109,7 +105,7 @@ def _component_folders(root: Path) -> list[tuple[str, Path, dict]]:
             continue
         try:
             values = json.loads(config_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{config_path} is not valid JSON ({e}); convert that component again") from e
         if isinstance(values, dict) and values.get("model_type") in COMPONENTS and "mlx_sora" in values:
             found.append((COMPONENTS[values["model_type"]], sub, values))

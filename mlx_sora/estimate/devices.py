@@ -24,13 +24,13 @@ machine under ``~/.cache/mlx-sora/devices/``. Fields (rates per second):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..io.untrusted import read_json_object
 
 DEVICE_DIR = Path(__file__).resolve().parent / "devices"
 THIS_MACHINE = "this-machine"
@@ -185,13 +185,7 @@ def load_table(name: str) -> DeviceModel:
     path = DEVICE_DIR / f"{name}.json"
     if not path.is_file():
         raise UserError(f"--device {name!r} is unknown; choose one of {', '.join(device_names())}")
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); reinstall mlx-sora") from e
-    if not isinstance(values, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    return DeviceModel.from_dict(values, str(path))
+    return DeviceModel.from_dict(read_json_object(path, "reinstall mlx-sora", UserError), str(path))
 
 
 def load_device(name: str, remeasure: bool = False, cache_dir: Path | None = None) -> DeviceModel:

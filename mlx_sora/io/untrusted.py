@@ -3,6 +3,7 @@ regular-file sizes, numpy -> MLX conversion. Shared by the safetensors and ``.bi
 
 from __future__ import annotations
 
+import json
 import os
 import reprlib
 import stat
@@ -11,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..errors import CheckpointError, describe_os_error
+from ..errors import CheckpointError, UserError, describe_os_error
 
 MAX_DIM = 2**31 - 1
 """MLX shapes are 32-bit: a larger dimension cannot be loaded, so it is refused with a clear message."""
@@ -77,3 +78,16 @@ SAFETENSORS_DTYPES: dict[str, tuple[np.dtype, mx.Dtype]] = {
     "U32": (np.dtype("<u4"), mx.uint32),  # packed quantized weights (mx.quantize)
     "BOOL": (np.dtype("?"), mx.bool_),
 }
+
+
+def read_json_object(path: Path, fix: str, error: type[UserError] = CheckpointError) -> dict:
+    """The object a JSON file holds. Whatever is wrong with it (unreadable, not UTF-8, nested too
+    deeply, not JSON, not an object) is one ``error`` naming the file and ``fix`` (how to get a good
+    one), never a traceback."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({type(e).__name__}: {e}); {fix}") from e
+    if not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object; {fix}")
+    return value
